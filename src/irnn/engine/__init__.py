@@ -1,0 +1,93 @@
+"""Training-step engines: the plain PyTorch reference and the fast paths that must equal it.
+
+* ``torch``: ``model(x)`` on ``nn.RNN/LSTM/GRU`` (cuDNN on GPU), eager.
+* ``fused``: CPU, ReLU/tanh RNNs: a compiled time loop with a hand-written BPTT (``engine.fused``).
+* ``cuda-graph``: CUDA: the whole step (forward, backward, clip, optimiser) replayed as one graph.
+
+``auto`` picks ``fused`` on CPU where it applies, ``cuda-graph`` on CUDA, else ``torch``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models import RNN_KINDS, RecurrentModel
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resolve_engine(engine: str, model: RecurrentModel, device: torch.device, optimizer_name: str = "adam") -> str:
+    """The engine that ``engine`` (possibly ``auto``) means for this model and device."""
+    if engine == "auto":
+        if device.type == "cuda":
+            from . import cuda_graph
+
+            return "cuda-graph" if cuda_graph.can_capture(device, model.kind, optimizer_name) else "torch"
+        if model.kind in RNN_KINDS:
+            from . import fused
+
+            return "fused" if fused.supports(model.rnn) and fused.available() else "torch"
+        return "torch"
+    if engine == "fused":
+        if device.type != "cpu" or model.kind not in RNN_KINDS:
+            raise ValueError(f"engine 'fused' runs ReLU/tanh RNNs on the CPU, not {model.kind} on {device.type}")
+    if engine == "cuda-graph" and device.type != "cuda":
+        raise ValueError("engine 'cuda-graph' needs a CUDA device")
+    return engine
+
+
+def make_forward(model: RecurrentModel, engine: str) -> Forward:
+    """``x [B, T, I] -> pred [B, out]`` for a resolved engine (``cuda-graph`` evaluates eagerly)."""
+    if engine == "fused":
+        from . import fused
+
+        return lambda x: model.readout(fused.rnn_forward(model.rnn, x)[:, -1])
+    return model
+
+
+class TrainStep:
+    """One optimisation step: forward, loss, backward, clip by global norm, optimiser step.
+
+    Returns the loss and the gradient norm before clipping as 0-dim tensors on the
+    device, so that no host synchronisation happens inside the step.
+    """
+
+    def __init__(self, forward: Forward, loss_fn, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                 clip_norm: float):
+        self.forward, self.loss_fn, self.params = forward, loss_fn, params
+        self.optimizer, self.clip_norm = optimizer, clip_norm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.forward(x), y)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        return loss.detach(), grad_norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def reset(self) -> None:
+        """Called after parameters or optimiser state were replaced (rollback, resume)."""
+
+
+def make_train_step(model: RecurrentModel, engine: str, loss_fn, optimizer: torch.optim.Optimizer,
+                    clip_norm: float, example: tuple[torch.Tensor, torch.Tensor]) -> TrainStep:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if engine == "cuda-graph":
+        from . import cuda_graph
+
+        try:
+            return cuda_graph.GraphedStep(model, loss_fn, params, optimizer, clip_norm, *example)
+        except Exception as e:  # noqa: BLE001 - capture unsupported here: fall back, loudly once
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); using eager steps", stacklevel=2)
+            engine = "torch"
+    return TrainStep(make_forward(model, engine), loss_fn, params, optimizer, clip_norm)

@@ -1,0 +1,255 @@
+"""The run store: one folder per run, written so that nothing is ever half-written or lost.
+
+A run folder holds::
+
+    config.json      the fully resolved config plus versions, git revision, device
+    metrics.jsonl    one JSON object per logging event, each with "step" and "kind"
+    summary.json     status and the final numbers
+    checkpoints/     ckpt-<step>.pt (the last K) and best.pt: state_dicts, RNG states, guard state
+
+Every file except the append-only metrics log is written atomically
+(temporary file, flush, fsync, rename).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..config import Config, ConfigError, from_dict
+
+CONFIG, METRICS, SUMMARY, CKPT_DIR = "config.json", "metrics.jsonl", "summary.json", "checkpoints"
+# Keys of a metrics line that measure wall-clock time; everything else is deterministic.
+WALL_CLOCK_KEYS = ("time_s", "samples_per_s", "wall_time_s")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    """JSON with non-finite floats written as null-safe strings (JSON has no NaN)."""
+    return json.dumps(_clean(obj), default=_json_default, sort_keys=False)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, default=_json_default) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def git_revision() -> str | None:
+    """The git revision of the package's source tree, when it is a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    if out.returncode != 0 or not rev:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return rev + ("-dirty" if dirty else "")
+
+
+def default_run_name(cfg: Config, task_name: str | None = None) -> str:
+    """``<model>-<T>__<optimizer>__s<seed>__<time>``, as the prototype named runs (``irnn-150``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{model_label(cfg)}__{cfg.optimizer}__s{cfg.seed}__{stamp}"
+
+
+def model_label(cfg: Config) -> str:
+    """``irnn-150`` for the adding problem, ``irnn-mnist`` / ``lstm-pmnist`` otherwise."""
+    return f"{cfg.model}-{cfg.seq_len}" if cfg.task == "adding" else f"{cfg.model}-{cfg.task}"
+
+
+@dataclass
+class RunDir:
+    """One run's folder and its files."""
+
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / CKPT_DIR
+
+    # -- creation -------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, name: str, *, overwrite: bool = False) -> "RunDir":
+        """Make a fresh run folder; refuses an existing one unless ``overwrite``."""
+        root = Path(root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create runs folder {str(root)!r}: {e.strerror}") from None
+        if not os.access(root, os.W_OK):
+            raise ConfigError(f"runs folder {str(root)!r} is not writable; choose another with --out")
+        path = root / name
+        if path.exists():
+            if not overwrite:
+                raise ConfigError(f"run folder {str(path)!r} already exists; use --resume {path} to continue it, "
+                                  f"--overwrite to replace it, or another --name")
+            import shutil
+
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        (path / CKPT_DIR).mkdir()
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing run folder; a one-line ConfigError when it is missing or not a run."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"run folder {str(path)!r} does not exist")
+        if not (path / CONFIG).is_file():
+            raise ConfigError(f"{str(path)!r} is not an irnn run folder (no {CONFIG})")
+        return cls(path)
+
+    # -- files ----------------------------------------------------------------
+    def write_config(self, cfg: Config, **extra: Any) -> None:
+        atomic_write_json(self.config_path, {"config": cfg.to_dict(), **extra})
+
+    def read_config(self) -> Config:
+        try:
+            data = read_json(self.config_path)
+            return from_dict(data["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.config_path}: not a valid irnn config ({e})") from None
+
+    def read_config_extra(self) -> dict[str, Any]:
+        return read_json(self.config_path)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        try:
+            return read_json(self.summary_path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(iter_metrics(self.metrics_path))
+
+    def truncate_metrics(self, max_step: int) -> int:
+        """Keep only whole lines with ``step <= max_step`` (used on resume and rollback); returns lines kept."""
+        if not self.metrics_path.exists():
+            return 0
+        kept = [line for line in _read_lines(self.metrics_path) if _line_step(line) is not None
+                and _line_step(line) <= max_step]
+        atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+        return len(kept)
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+            json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # a line cut short by a kill
+        yield line
+
+
+def _line_step(line: str) -> int | None:
+    obj = json.loads(line)
+    return obj.get("step") if isinstance(obj, dict) else None
+
+
+def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every whole line of a metrics.jsonl (a line cut short by a kill is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for line in _read_lines(path):
+        yield json.loads(line)
+
+
+class MetricsLog:
+    """Append-only JSON-lines log, flushed (and fsync'd) after every write."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(dumps(record) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
