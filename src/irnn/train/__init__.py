@@ -1,4 +1,4 @@
 """The training engine: loop, divergence guard, optimisers, checkpoint/resume."""
-from .loop import Run, Trainer, resolve_device, train
+from .loop import Run, Trainer, resolve_device, train, train_many
 
-__all__ = ["Run", "Trainer", "train", "resolve_device"]
+__all__ = ["Run", "Trainer", "train", "train_many", "resolve_device"]

@@ -437,3 +437,20 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, overwr
     return trainer.fit()
 
 
+
+
+def train_many(cfgs: list[Config], out_dirs: list[str | Path], *, group: str | None = None,
+               progress: bool | None = None, resume: bool = True) -> list[Run]:
+    """Train several runs into the given folders (resuming any that already started).
+
+    This is the entry point sweeps use; compatible members may be trained
+    together as one stacked ensemble (see ``irnn.engine.ensemble``).
+    """
+    runs = []
+    for cfg, out in zip(cfgs, out_dirs):
+        out = Path(out)
+        if resume and (out / "config.json").is_file():
+            runs.append(train(resume=out, group=group, progress=progress))
+        else:
+            runs.append(train(cfg, out_dir=out, overwrite=True, group=group, progress=progress))
+    return runs
