@@ -27,8 +27,10 @@ def resolve_engine(engine: str, model: RecurrentModel, device: torch.device, opt
 
             return "cuda-graph" if cuda_graph.can_capture(device, model.kind, optimizer_name) else "torch"
         if model.kind in RNN_KINDS:
-            from . import fused
-
+            try:
+                from . import fused
+            except ImportError:  # a broken install: the reference path still works
+                return "torch"
             return "fused" if fused.supports(model.rnn) and fused.available() else "torch"
         return "torch"
     if engine == "fused":
