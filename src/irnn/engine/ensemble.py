@@ -1,0 +1,107 @@
+"""N independent models of one architecture trained in one stacked step.
+
+Each member keeps its own ``nn.Module`` and its own optimiser, so its
+state_dicts, checkpoints and trajectory are those of training it alone. Only
+the arithmetic is shared: the members' weights are stacked ``[N, ...]`` for
+the forward and backward pass (the fused engine's stacked time loop on the
+CPU), and gradient clipping is done per member with a handful of vectorised
+ops. Gradients flow back through ``torch.stack`` into each member's own
+parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models import RNN_KINDS, RecurrentModel
+
+
+def stackable(models: list[RecurrentModel]) -> bool:
+    """Whether these models can share one stacked forward pass (same kind and shapes, ReLU/tanh RNNs)."""
+    first = models[0]
+    if first.kind not in RNN_KINDS:
+        return False
+    shape = [(n, p.shape, p.dtype, p.device) for n, p in first.named_parameters()]
+    return all(m.nonlinearity == first.nonlinearity and
+               [(n, p.shape, p.dtype, p.device) for n, p in m.named_parameters()] == shape for m in models)
+
+
+def stacked_forward(models: list[RecurrentModel], x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``x [N, B, T, I] -> pred [N, B, out]`` for N stackable models."""
+    from . import fused
+
+    first = models[0]
+    h = x
+    for layer in range(first.num_layers):
+        w = [torch.stack([getattr(m.rnn, f"{name}_l{layer}") for m in models])
+             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        h = fused.rnn_layer(h, *w, nonlinearity=first.nonlinearity, impl=impl)  # [N, B, T, H]
+    w_out = torch.stack([m.readout.weight for m in models])  # [N, out, H]
+    b_out = torch.stack([m.readout.bias for m in models])  # [N, out]
+    return torch.baddbmm(b_out.unsqueeze(1), h[:, :, -1], w_out.transpose(1, 2))  # [N, B, out]
+
+
+def clip_per_member(params: list[list[nn.Parameter]], max_norms: list[float]) -> torch.Tensor:
+    """``clip_grad_norm_`` for each member at once; returns the norms before clipping, ``[N]``.
+
+    Same arithmetic as ``torch.nn.utils.clip_grad_norm_``: the total norm is the
+    norm of the per-tensor norms, and grads are scaled by
+    ``min(1, max_norm / (norm + 1e-6))``.
+    """
+    counts = [len(p) for p in params]
+    grads = [p.grad for group in params for p in group]
+    per_tensor = torch.stack(torch._foreach_norm(grads))  # [sum of counts]
+    totals = torch.stack([torch.linalg.vector_norm(chunk) for chunk in per_tensor.split(counts)])  # [N]
+    limits = torch.tensor(max_norms, dtype=totals.dtype, device=totals.device)
+    coef = (limits / (totals + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coef.repeat_interleave(torch.tensor(counts, device=coef.device)).unbind()))
+    return totals
+
+
+class StackedStep:
+    """One optimisation step of N members: shared forward/backward, per-member clip and optimiser.
+
+    Args:
+        models, optimizers, clip_norms: one per member (each member's own objects).
+        loss_fn: the task's loss, ``loss_fn(pred [B, out], y) -> scalar``.
+    """
+
+    def __init__(self, loss_fn, impl: str = "auto"):
+        self.loss_fn, self.impl = loss_fn, impl
+
+    def __call__(self, models: list[RecurrentModel], optimizers: list[torch.optim.Optimizer], clip_norms: list[float],
+                 x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, B, T, I]``, ``y [N, B, ...]`` -> losses ``[N]`` and pre-clip gradient norms ``[N]``."""
+        params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+        for group in params:
+            for p in group:
+                p.grad = None
+        pred = stacked_forward(models, x, self.impl)
+        losses = torch.stack([self.loss_fn(pred[k], y[k]) for k in range(len(models))])
+        losses.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
+        norms = clip_per_member(params, clip_norms)
+        for opt in optimizers:
+            opt.step()
+        return losses.detach(), norms
+
+
+def make_benchmark_step(n: int, seq_len: int, batch: int, device: torch.device):
+    """A callable doing one stacked step of n IRNNs (for ``benchmarks/bench_step.py``)."""
+    from ..tasks import make_adding
+
+    models, opts = [], []
+    for k in range(n):
+        torch.manual_seed(k)
+        m = RecurrentModel("irnn", 2, 100, 1).to(device)
+        models.append(m)
+        opts.append(torch.optim.Adam(m.parameters(), lr=1e-4))
+    task = make_adding(seq_len, train_size=batch * 64, test_size=16, seed=0, device=device)
+    step = StackedStep(task.loss_fn)
+    counter = [0]
+
+    def run():
+        xs, ys = zip(*(task.batch(counter[0] + k, batch, 0) for k in range(n)))
+        counter[0] += 1
+        step(models, opts, [1.0] * n, torch.stack(xs), torch.stack(ys))
+
+    return run

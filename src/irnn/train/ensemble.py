@@ -1,0 +1,149 @@
+"""Train many runs at once: compatible members step together as one stacked ensemble.
+
+Each member is an ordinary :class:`~irnn.train.loop.Trainer` with its own run
+folder, data, model, optimiser, divergence guard, metrics and checkpoints; only
+the training step is shared (:class:`irnn.engine.ensemble.StackedStep`). A
+member that diverges rolls back alone, and then simply trails the others by
+some steps: every member draws the batch of its own step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..engine.ensemble import StackedStep, stackable
+from ..models import RNN_KINDS
+from .loop import Interrupted, Run, Trainer, open_trainer, train
+
+MAX_ENSEMBLE = 16
+
+
+def ensemble_key(cfg: Config) -> tuple | None:
+    """Members with the same key can share a stacked step; None: train this one alone.
+
+    Stacking needs the fused CPU engine (ReLU/tanh RNNs) and equal tensor shapes;
+    seeds, learning rates, clipping, initialisation, optimisers and budgets may differ.
+    """
+    if cfg.model not in RNN_KINDS or cfg.engine not in ("auto", "fused"):
+        return None
+    if cfg.device not in ("cpu", "auto") or (cfg.device == "auto" and torch.cuda.is_available()):
+        return None
+    from ..engine import fused
+
+    if not fused.available():
+        return None
+    nonlinearity = RNN_KINDS[cfg.model]
+    return (cfg.task, cfg.seq_len if cfg.task == "adding" else cfg.data_source, nonlinearity, cfg.hidden_size,
+            cfg.num_layers, cfg.batch_size, cfg.threads)
+
+
+def _trainer(cfg: Config, out: Path, group: str | None, resume: bool) -> Trainer:
+    if resume and (out / "config.json").is_file():
+        return open_trainer(resume=out, group=group, progress=False)
+    return open_trainer(cfg, out_dir=out, overwrite=True, group=group, progress=False)
+
+
+def fit_together(trainers: list[Trainer], progress: bool = False) -> list[Run]:
+    """Step the trainers' models as one ensemble until each finishes (or diverges)."""
+    from tqdm.auto import tqdm
+
+    runs: dict[int, Run] = {}
+    active: list[Trainer] = []
+    for t in trainers:
+        done = t.begin()
+        if done is not None:
+            runs[id(t)] = done
+        else:
+            active.append(t)
+    if active and not stackable([t.model for t in active]):
+        raise ValueError("these members cannot be stacked into one ensemble")
+    step = StackedStep(active[0].task.loss_fn) if active else None
+    total = sum(t.total - t.state.step for t in active)
+    bar = tqdm(total=total, desc=f"ensemble of {len(active)}", unit="model-step", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
+    try:
+        while active:
+            plans = [(t._next_boundary(t.state.step), t._lr(t.state.step)) for t in active]
+            n = min(end - t.state.step for t, (end, _) in zip(active, plans))
+            for t, (_, lr) in zip(active, plans):
+                t.train_step.set_lr(lr)
+            models = [t.model for t in active]
+            opts = [t.optimizer for t in active]
+            clips = [t.cfg.clip_norm for t in active]
+            losses, norms = [], []
+            for i in range(n):
+                xs, ys = zip(*(t.task.batch(t.state.step + i, t.cfg.batch_size, t.cfg.seed) for t in active))
+                loss, norm = step(models, opts, clips, torch.stack(xs), torch.stack(ys))
+                losses.append(loss)
+                norms.append(norm)
+            losses_h = torch.stack(losses).double().T.tolist()  # [members][n]: one host sync
+            norms_h = torch.stack(norms).double().T.tolist()
+            still = []
+            for k, (t, (_, lr)) in enumerate(zip(active, plans)):
+                before = t.state.step
+                try:
+                    ok = t.after_chunk(losses_h[k], norms_h[k], lr)
+                except Exception as e:  # noqa: BLE001 - one member's failure must not stop the others
+                    runs[id(t)] = t.end("failed", f"{type(e).__name__}: {e}")
+                    continue
+                bar.update(max(t.state.step - before, 0))
+                if not ok:
+                    runs[id(t)] = t.end("diverged", t.reason)
+                elif t.state.step >= t.total:
+                    runs[id(t)] = t.end("completed")
+                else:
+                    still.append(t)
+            active = still
+    except KeyboardInterrupt as e:
+        for t in active:
+            runs[id(t)] = t.end("interrupted", str(e) or "SIGINT")
+        raise Interrupted(active[0].run.path if active else Path("."), 0, str(e) or "SIGINT") from None
+    except BaseException as e:
+        for t in active:
+            runs[id(t)] = t.end("failed", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        bar.close()
+    return [runs[id(t)] for t in trainers]
+
+
+def train_many(cfgs: list[Config], out_dirs: list[str | Path], *, group: str | None = None,
+               progress: bool | None = None, resume: bool = True, ensemble: bool = True,
+               max_ensemble: int = MAX_ENSEMBLE) -> list[Run]:
+    """Train several runs into the given folders, resuming any that already started.
+
+    Members that can share a stacked step (same architecture, sequence length and
+    batch size, on the fused CPU engine) are trained together, up to ``max_ensemble``
+    at a time; the others one after another. Every member's folder is an ordinary run.
+    """
+    out_dirs = [Path(o) for o in out_dirs]
+    groups: dict[Any, list[int]] = {}
+    order: list[list[int]] = []
+    for i, cfg in enumerate(cfgs):
+        key = ensemble_key(cfg) if ensemble else None
+        if key is None:
+            order.append([i])
+            continue
+        members = groups.setdefault(key, [])
+        members.append(i)
+        if len(members) == 1:
+            order.append(members)
+        if len(members) == max_ensemble:
+            groups[key] = []  # the next compatible member starts a new ensemble
+    runs: dict[int, Run] = {}
+    for idx in order:
+        if len(idx) == 1:
+            i = idx[0]
+            if resume and (out_dirs[i] / "config.json").is_file():
+                runs[i] = train(resume=out_dirs[i], group=group, progress=progress)
+            else:
+                runs[i] = train(cfgs[i], out_dir=out_dirs[i], overwrite=True, group=group, progress=progress)
+            continue
+        trainers = [_trainer(cfgs[i], out_dirs[i], group, resume) for i in idx]
+        show = progress if progress is not None else not all(cfgs[i].quiet for i in idx)
+        for i, run in zip(idx, fit_together(trainers, progress=show)):
+            runs[i] = run
+    return [runs[i] for i in range(len(cfgs))]
