@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import MISSING, fields
 from typing import Any, Sequence
@@ -91,6 +92,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     if args.resume:
+        if args.config or args.overwrite:
+            raise UsageError(f"irnn train: --{'config' if args.config else 'overwrite'} cannot be used with --resume; "
+                             f"a resumed run keeps its stored config")
         given = set(config_values(args))
         bad = sorted(given - RESUMABLE_OVERRIDES)
         if bad:
@@ -118,16 +122,21 @@ def _fmt(v: Any) -> str:
 
 def _print_result(path, s: dict[str, Any]) -> None:
     pm = s.get("primary_metric", "test_mse")
-    print(f"run stored in {path}")
-    print(f"  status {s['status']}" + (f" ({s['reason']})" if s.get("reason") else "")
-          + f", {s['steps']}/{s['total_steps']} steps, {s['wall_time_s']:.1f} s, engine {s.get('engine')}")
-    print(f"  final {pm} {_fmt(s.get('final_' + pm))}, best {_fmt(s.get('best_' + pm))} at step {s.get('best_step')}, "
-          f"constant-prediction baseline {_fmt(s.get('baseline_' + pm))}")
     solved = s.get("solved_step")
     thr = s.get("solved_threshold")
-    print(f"  {pm} {'<' if pm != 'test_acc' else '>'} {thr}: "
-          + (f"reached at step {solved}" if solved is not None else "not reached")
-          + (f"; divergences recovered: {s['divergences']}" if s.get("divergences") else ""))
+    # formatted in full before printing: a damaged summary fails before any half-printed report
+    text = "\n".join([
+        f"run stored in {path}",
+        f"  status {s['status']}" + (f" ({s['reason']})" if s.get("reason") else "")
+        + f", {s['steps']}/{s['total_steps']} steps, {s['wall_time_s']:.1f} s, engine {s.get('engine')}",
+        f"  final {pm} {_fmt(s.get('final_' + pm))}, best {_fmt(s.get('best_' + pm))} at step {s.get('best_step')}, "
+        f"constant-prediction baseline {_fmt(s.get('baseline_' + pm))}",
+        f"  {pm} {'<' if pm != 'test_acc' else '>'} {thr}: "
+        + (f"reached at step {solved}" if solved is not None else "not reached")
+        + (f"; divergences {'recovered' if s['status'] == 'completed' else 'detected'}: {s['divergences']}"
+           if s.get("divergences") else ""),
+    ])
+    print(text)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -136,12 +145,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     run = RunDir.open(args.run)
     summary = run.read_summary()
     if summary is None:
-        raise ConfigError(f"{args.run!r} has no summary.json yet (never started?)")
+        raise ConfigError(f"{args.run!r} has no readable summary.json (never started, or the file is damaged)")
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    _print_result(run.path, summary)
     cfg = run.read_config()
+    try:
+        _print_result(run.path, summary)
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{run.summary_path}: not an irnn summary (missing or malformed fields)") from None
     print(f"  config: task={cfg.task} T={cfg.seq_len} model={cfg.model} hidden={cfg.hidden_size} "
           f"init_scale={cfg.init_scale} optimizer={cfg.optimizer} lr={cfg.lr} clip_norm={cfg.clip_norm} "
           f"batch={cfg.batch_size} seed={cfg.seed}")
@@ -181,8 +193,18 @@ def _add_experiment_commands(sub) -> None:
     exp_cli.add_commands(sub, add_config_options)
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (cluster schedulers, `kill`) stops training like Ctrl-C: summary saved, run resumable."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
+        previous = None
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
@@ -190,11 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return int(args.func(args) or 0)
     except (UsageError, ConfigError) as e:
-        print(f"irnn: error: {e}" if not str(e).startswith("irnn") else f"{e}", file=sys.stderr)
+        print(f"{e}" if str(e).startswith(("irnn:", "irnn ")) else f"irnn: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("irnn: interrupted; resume with `irnn train --resume RUN`", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Interrupted (from the training loop) names the step and the run to resume.
+        print(f"irnn: interrupted by {e}" if str(e) else "irnn: interrupted by SIGINT", file=sys.stderr)
+        return 143 if str(e).startswith("SIGTERM") else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

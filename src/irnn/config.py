@@ -64,12 +64,12 @@ class Config:
     eval_every: int = _f(500, "evaluate on the test set every N steps")
     log_every: int = _f(100, "log the mean training loss every N steps")
     # --- robustness -------------------------------------------------------
-    guard: bool = _f(True, "divergence guard: roll back and lower the lr on NaN/inf or an exploding loss")
+    guard: bool = _f(True, "divergence guard: roll back and lower the lr on NaN/inf or an exploding loss; with --no-guard the raw curve is kept and the run stops as diverged at the first NaN/inf")
     guard_factor: float = _f(20.0, "a loss above guard_factor x its recent median counts as divergence")
     guard_window: int = _f(50, "steps in the recent-median window of the guard")
     guard_lr_decay: float = _f(0.5, "learning-rate multiplier applied after each rollback")
     guard_retries: int = _f(5, "rollbacks allowed before the run is marked diverged")
-    ckpt_every: int = _f(0, "checkpoint every N steps (0 = every eval)")
+    ckpt_every: int = _f(0, "checkpoint every N steps and after every evaluation (0 = only after evaluations)")
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep (the best is always kept)")
     # --- run --------------------------------------------------------------
     seed: int = _f(0, "one seed for python, numpy, torch and the data")
@@ -80,7 +80,7 @@ class Config:
     track: str = _f("", "extra trackers, comma separated: wandb, tensorboard (the local run store is always written)")
     quiet: bool = _f(False, "no progress bar")
     preset: Optional[str] = _f(None, "named overrides applied before your flags: quick, paper, seed")
-    inject_lr_spike: str = _f("", "testing only: 'START:END:FACTOR' multiplies the lr by FACTOR for steps [START, END)", hidden=True)
+    inject_lr_spike: str = _f("", "testing only: 'START:END:FACTOR' multiplies the lr by FACTOR for steps [START, END), again after each rollback (on top of the guard's lowered lr)", hidden=True)
 
     # ---------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -143,7 +143,7 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"{name} must be a number, got {value!r}")
         try:
             out = float(value) if isinstance(value, (int, float, str)) else None
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond float range
             out = None
         if out is None:
             raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -167,13 +167,17 @@ def from_dict(values: dict[str, Any], *, preset: Optional[str] = None) -> Config
         raise ConfigError(f"a config must be a table of keys and values, got {type(values).__name__}")
     types = field_types()
     names = [f.name for f in fields(Config)]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted((k for k in values if k not in names), key=repr)  # keys from YAML may be any type
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(names)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
+        raise ConfigError(f"unknown config key {unknown[0]!r}; {hint}")
     preset = values.get("preset", preset) if values.get("preset") is not None else preset
     merged: dict[str, Any] = {}
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         merged.update(PRESETS[preset])
     merged.update({k: v for k, v in values.items() if k != "preset"})
@@ -216,22 +220,30 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.guard_lr_decay > 1:
         raise ConfigError(f"guard_lr_decay must be in (0, 1], got {cfg.guard_lr_decay}")
-    if cfg.seed < 0 or cfg.perm_seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {min(cfg.seed, cfg.perm_seed)}")
+    for n in ("seed", "perm_seed"):
+        if not 0 <= getattr(cfg, n) < 2**63:  # torch.manual_seed takes at most 64 bits
+            raise ConfigError(f"{n} must be in [0, 2**63), got {getattr(cfg, n)}")
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda"
-            or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+            or (cfg.device.startswith("cuda:") and cfg.device[5:].isascii() and cfg.device[5:].isdigit())):
         raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
     for t in filter(None, (s.strip() for s in cfg.track.split(","))):
         if t not in TRACKERS:
             raise ConfigError(f"unknown tracker {t!r}; choose from: {', '.join(TRACKERS)}")
-    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):
-        raise ConfigError(f"name must be a plain folder name, got {cfg.name!r}")
+    if cfg.name is not None and (not cfg.name or "/" in cfg.name or "\\" in cfg.name or "\0" in cfg.name
+                                 or cfg.name in (".", "..") or len(cfg.name.encode()) > 200):
+        raise ConfigError(f"name must be a plain folder name (no '/', at most 200 bytes), got {cfg.name!r}")
+    for n in ("out", "data_dir"):
+        if "\0" in (getattr(cfg, n) or ""):
+            raise ConfigError(f"{n} must be a folder path, got {getattr(cfg, n)!r}")
     if cfg.inject_lr_spike:
         try:
             a, b, c = cfg.inject_lr_spike.split(":")
-            int(a), int(b), float(c)
+            ok = 0 <= int(a) < int(b) and math.isfinite(float(c)) and float(c) > 0
         except ValueError:
-            raise ConfigError(f"inject_lr_spike must be 'START:END:FACTOR', got {cfg.inject_lr_spike!r}") from None
+            ok = False
+        if not ok:
+            raise ConfigError(f"inject_lr_spike must be 'START:END:FACTOR' with 0 <= START < END and a finite "
+                              f"FACTOR > 0, got {cfg.inject_lr_spike!r}")
     return cfg
 
 
@@ -239,10 +251,15 @@ def load_file(path: str) -> dict[str, Any]:
     """Read a TOML or YAML file into a dict, with one-line errors."""
     import os
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path, "rb") as fh:
-        raw = fh.read()
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} is not a file")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read ({e.strerror})") from None
     if path.endswith(".toml"):
         try:
             import tomllib
@@ -251,7 +268,9 @@ def load_file(path: str) -> dict[str, Any]:
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: malformed TOML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: malformed TOML: {_first_line(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: malformed TOML: nested too deeply") from None
     elif path.endswith((".yaml", ".yml")):
         import yaml
 
@@ -259,8 +278,17 @@ def load_file(path: str) -> dict[str, Any]:
             data = yaml.safe_load(raw.decode("utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: malformed YAML: nested too deeply") from None
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. an impossible date: `seed: 2001-13-01`
+            raise ConfigError(f"{path}: malformed YAML: {_first_line(e)}") from None
     else:
         raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table of keys and values at the top level")
     return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

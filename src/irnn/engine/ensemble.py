@@ -27,15 +27,25 @@ def stackable(models: list[RecurrentModel]) -> bool:
 
 
 def stacked_forward(models: list[RecurrentModel], x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """``x [N, B, T, I] -> pred [N, B, out]`` for N stackable models."""
-    from . import fused
+    """``x [N, B, T, I] -> pred [N, B, out]`` for N stackable models.
+
+    The time loop runs in the fused C++ engine on the CPU and in the Triton kernel
+    (one program per model, fp32-grade ``tf32x3``) on CUDA.
+    """
+    if x.is_cuda:
+        from .triton_rnn import rnn_layer_triton as layer
+    else:
+        from .fused import rnn_layer
+
+        def layer(*args, nonlinearity):
+            return rnn_layer(*args, nonlinearity=nonlinearity, impl=impl)
 
     first = models[0]
     h = x
-    for layer in range(first.num_layers):
-        w = [torch.stack([getattr(m.rnn, f"{name}_l{layer}") for m in models])
+    for l in range(first.num_layers):
+        w = [torch.stack([getattr(m.rnn, f"{name}_l{l}") for m in models])
              for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        h = fused.rnn_layer(h, *w, nonlinearity=first.nonlinearity, impl=impl)  # [N, B, T, H]
+        h = layer(h, *w, nonlinearity=first.nonlinearity)  # [N, B, T, H]
     w_out = torch.stack([m.readout.weight for m in models])  # [N, out, H]
     b_out = torch.stack([m.readout.bias for m in models])  # [N, out]
     return torch.baddbmm(b_out.unsqueeze(1), h[:, :, -1], w_out.transpose(1, 2))  # [N, B, out]

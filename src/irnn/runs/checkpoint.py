@@ -3,7 +3,8 @@
 File format: an 8-byte magic, the SHA-256 of the payload (32 bytes), then the
 payload, a ``torch.save`` of plain state_dicts (loaded with ``weights_only=True``).
 A truncated or bit-flipped file fails the checksum and is reported as corrupt;
-resuming then falls back to the previous good checkpoint.
+resuming then falls back to the previous good checkpoint (and renames the bad
+ones ``*.corrupt``). Temporary files of a write cut short are removed on resume.
 """
 from __future__ import annotations
 
@@ -74,6 +75,21 @@ def save(run: RunDir, state: dict[str, Any], *, keep: int, best: bool = False) -
     for _, old in list_checkpoints(run)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def set_aside_after(run: RunDir, step: int) -> list[Path]:
+    """Rename the numbered checkpoints newer than ``step`` (the ones that failed to load) to ``*.corrupt``.
+
+    Kept for inspection, but out of the rotation: otherwise ``save`` would count them among the
+    newest K and delete the good checkpoints written after the resume instead.
+    """
+    moved = []
+    for s, path in list_checkpoints(run):
+        if s > step:
+            target = path.with_name(path.name + ".corrupt")
+            path.replace(target)
+            moved.append(target)
+    return moved
 
 
 def load_latest(run: RunDir, *, max_step: int | None = None) -> tuple[dict[str, Any] | None, list[str]]:

@@ -124,6 +124,8 @@ class RunDir:
     """One run's folder and its files."""
 
     path: Path
+    # the folder that --overwrite moved aside, until the new run has started
+    replaced: Path | None = None
 
     @property
     def config_path(self) -> Path:
@@ -153,23 +155,55 @@ class RunDir:
         if not os.access(root, os.W_OK):
             raise ConfigError(f"runs folder {str(root)!r} is not writable; choose another with --out")
         path = root / name
-        if path.exists():
+        replaced = None
+        if path.exists() or path.is_symlink():
             if not overwrite:
                 raise ConfigError(f"run folder {str(path)!r} already exists; use --resume {path} to continue it, "
                                   f"--overwrite to replace it, or another --name")
+            # Moved aside, not deleted: the caller deletes it once the new run has really started
+            # (commit_overwrite) and puts it back if the new run fails to start (undo_create).
+            replaced = path.with_name(f".{name}.replaced-{os.getpid()}-{time.time_ns()}")
+            try:
+                os.replace(path, replaced)
+            except OSError as e:
+                raise ConfigError(f"cannot replace {str(path)!r}: {e.strerror}") from None
+        try:
+            path.mkdir(parents=True)
+            (path / CKPT_DIR).mkdir()
+        except OSError as e:
+            if replaced is not None:
+                os.replace(replaced, path)
+            raise ConfigError(f"cannot create run folder {str(path)!r}: {e.strerror}") from None
+        return cls(path, replaced)
+
+    def commit_overwrite(self) -> None:
+        """Delete the run folder that ``create(overwrite=True)`` replaced."""
+        if self.replaced is not None:
             import shutil
 
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        (path / CKPT_DIR).mkdir()
-        return cls(path)
+            if self.replaced.is_dir() and not self.replaced.is_symlink():
+                shutil.rmtree(self.replaced, ignore_errors=True)
+            else:
+                self.replaced.unlink(missing_ok=True)
+            self.replaced = None
+
+    def undo_create(self) -> None:
+        """Remove a just-created folder in which nothing was trained, restoring any replaced one."""
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.replaced is not None:
+            os.replace(self.replaced, self.path)
+            self.replaced = None
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
         """An existing run folder; a one-line ConfigError when it is missing or not a run."""
         path = Path(path)
-        if not path.is_dir():
+        if not path.exists():
             raise ConfigError(f"run folder {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise ConfigError(f"{str(path)!r} is not an irnn run folder (not a folder)")
         if not (path / CONFIG).is_file():
             raise ConfigError(f"{str(path)!r} is not an irnn run folder (no {CONFIG})")
         return cls(path)
@@ -182,8 +216,14 @@ class RunDir:
         try:
             data = read_json(self.config_path)
             return from_dict(data["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except ConfigError as e:
             raise ConfigError(f"{self.config_path}: not a valid irnn config ({e})") from None
+        except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bad UTF-8
+            why = "no 'config' table" if isinstance(e, (KeyError, TypeError)) else "not valid JSON"
+            raise ConfigError(f"{self.config_path}: not a valid irnn config ({why}); "
+                              f"the run cannot be resumed") from None
+        except OSError as e:
+            raise ConfigError(f"{self.config_path}: cannot be read ({e.strerror})") from None
 
     def read_config_extra(self) -> dict[str, Any]:
         return read_json(self.config_path)
@@ -193,21 +233,42 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any] | None:
         try:
-            return read_json(self.summary_path)
-        except (FileNotFoundError, json.JSONDecodeError):
+            summary = read_json(self.summary_path)
+        except (OSError, ValueError):  # missing, unreadable, not JSON or not UTF-8
             return None
+        return summary if isinstance(summary, dict) else None
 
     def metrics(self) -> list[dict[str, Any]]:
         return list(iter_metrics(self.metrics_path))
 
-    def truncate_metrics(self, max_step: int) -> int:
-        """Keep only whole lines with ``step <= max_step`` (used on resume and rollback); returns lines kept."""
+    def truncate_metrics(self, max_step: int, *, keep_events: bool = False) -> int:
+        """Keep only whole lines with ``step <= max_step`` (used on resume and rollback); returns lines kept.
+
+        ``keep_events`` also keeps later ``kind: event`` lines: a rollback drops the abandoned
+        trajectory's train/eval lines but keeps the record of why it was abandoned.
+        """
         if not self.metrics_path.exists():
             return 0
-        kept = [line for line in _read_lines(self.metrics_path) if _line_step(line) is not None
-                and _line_step(line) <= max_step]
+        kept = []
+        for line in _read_lines(self.metrics_path):
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("step"), int):
+                continue
+            if obj["step"] <= max_step or (keep_events and obj.get("kind") == "event"):
+                kept.append(line)
         atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
         return len(kept)
+
+    def remove_temp_files(self) -> list[Path]:
+        """Delete the temporary files of atomic writes cut short by a kill; returns what was removed."""
+        removed = []
+        for folder in (self.path, self.ckpt_dir):
+            if not folder.is_dir():
+                continue
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
 
 
 def _read_lines(path: Path) -> Iterator[str]:
@@ -222,11 +283,6 @@ def _read_lines(path: Path) -> Iterator[str]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue  # a line cut short by a kill
         yield line
-
-
-def _line_step(line: str) -> int | None:
-    obj = json.loads(line)
-    return obj.get("step") if isinstance(obj, dict) else None
 
 
 def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:

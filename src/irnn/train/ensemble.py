@@ -24,20 +24,26 @@ MAX_ENSEMBLE = 16
 def ensemble_key(cfg: Config) -> tuple | None:
     """Members with the same key can share a stacked step; None: train this one alone.
 
-    Stacking needs the fused CPU engine (ReLU/tanh RNNs) and equal tensor shapes;
-    seeds, learning rates, clipping, initialisation, optimisers and budgets may differ.
+    Stacking needs ReLU/tanh RNNs and equal tensor shapes, and the fused C++ engine
+    on the CPU or the Triton kernel on CUDA; seeds, learning rates, clipping,
+    initialisation, optimisers and budgets may differ.
     """
     if cfg.model not in RNN_KINDS or cfg.engine not in ("auto", "fused"):
         return None
-    if cfg.device not in ("cpu", "auto") or (cfg.device == "auto" and torch.cuda.is_available()):
-        return None
-    from ..engine import fused
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        from ..engine import triton_rnn
 
-    if not fused.available():
-        return None
+        if cfg.engine == "fused" or not triton_rnn.available():
+            return None
+    else:
+        from ..engine import fused
+
+        if not fused.available():
+            return None
     nonlinearity = RNN_KINDS[cfg.model]
     return (cfg.task, cfg.seq_len if cfg.task == "adding" else cfg.data_source, nonlinearity, cfg.hidden_size,
-            cfg.num_layers, cfg.batch_size, cfg.threads)
+            cfg.num_layers, cfg.batch_size, cfg.threads, cfg.device)
 
 
 def _trainer(cfg: Config, out: Path, group: str | None, resume: bool) -> Trainer:

@@ -29,7 +29,7 @@ from ..engine import make_forward, make_train_step, resolve_engine
 from ..models import build_model
 from ..runs import checkpoint as ckpt
 from ..runs.store import MetricsLog, RunDir, default_run_name, git_revision, model_label
-from ..runs.trackers import Tracker, make_trackers
+from ..runs.trackers import Tracker, check_trackers, finish_trackers, make_trackers
 from ..tasks import Task, make_task
 from .guard import DivergenceGuard
 from .optim import make_optimizer
@@ -75,8 +75,17 @@ def seed_everything(seed: int) -> None:
 def versions() -> dict[str, Any]:
     from .. import __version__
 
-    return {"irnn": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses to unpickle.
+    return {"irnn": __version__, "torch": str(torch.__version__), "numpy": str(np.__version__),
             "python": platform.python_version(), "git": git_revision()}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was stopped by SIGINT or SIGTERM; the run is saved as ``interrupted`` and can be resumed."""
+
+    def __init__(self, path: Path, step: int, signal_name: str):
+        super().__init__(f"{signal_name} at step {step}; resume with: irnn train --resume {path}")
+        self.path, self.step, self.signal_name = path, step, signal_name
 
 
 @dataclass
@@ -122,6 +131,7 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model.parameters(), capturable=self.engine == "cuda-graph")
         self.eval_forward = make_forward(self.model, "fused" if self.engine == "fused" else "torch")
         self.state = LoopState()
+        self.versions = versions()  # once: the code that runs is the code loaded now (and git is slow to ask)
         self.guard = DivergenceGuard(cfg.guard_factor, cfg.guard_window, self.task.baseline_loss) if cfg.guard else None
         self.total = cfg.total_steps()
         self.ckpt_every = cfg.ckpt_every or cfg.eval_every
@@ -136,6 +146,7 @@ class Trainer:
                                           cfg.clip_norm, example)
         self.snapshot = self._state_dict()
         self.trackers: list[Tracker] = []
+        check_trackers(cfg)  # a missing tracker package fails here, before anything is trained
 
     # -- state ---------------------------------------------------------------
     def _state_dict(self) -> dict[str, Any]:
@@ -145,26 +156,27 @@ class Trainer:
         return copy.deepcopy({
             "format": 1, "step": self.state.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "loop": asdict(self.state), "rng": rng,
-            "config": self.cfg.to_dict(), "versions": versions(), "engine": self.engine,
+            "config": self.cfg.to_dict(), "versions": self.versions, "engine": self.engine,
         })
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+            loop = LoopState(**state["loop"])
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            random.setstate(_tuplify(rng["python"]))
+            np.random.set_state(_np_restore(rng["numpy"]))
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{self.run.path}: checkpoint does not fit this run's model ({first})") from None
-        self.state = LoopState(**state["loop"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        random.setstate(_tuplify(rng["python"]))
-        np.random.set_state(_np_restore(rng["numpy"]))
+        self.state = loop
 
     def _write_config(self) -> None:
-        self.run.write_config(self.cfg, versions=versions(), device=str(self.device), engine=self.engine,
+        self.run.write_config(self.cfg, versions=self.versions, device=str(self.device), engine=self.engine,
                               threads=torch.get_num_threads(), host=platform.node(), argv=sys.argv,
                               task={"name": self.task.name, "seq_len": self.task.seq_len,
                                     "baseline": self.task.baseline, "primary_metric": self.task.primary_metric,
@@ -172,16 +184,29 @@ class Trainer:
                               label=model_label(self.cfg), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def _restore_for_resume(self) -> None:
-        state, notes = ckpt.load_latest(self.run)
-        self.notes.extend(notes)
+        self.run.remove_temp_files()  # of atomic writes cut short by a kill; never read
+        self.run.ckpt_dir.mkdir(exist_ok=True)  # a run whose checkpoints were deleted starts again
+        state, skipped = ckpt.load_latest(self.run)
         if state is not None:
             self._check_foreign(state)
             self._load_state_dict(state)
-            self.notes.append(f"resuming from step {self.state.step}")
+        for line in skipped:
+            self._note(f"warning: {line}")
+        step = self.state.step if state is not None else -1
+        if skipped:
+            ckpt.set_aside_after(self.run, step)
+        if state is not None:
+            self._note(f"resuming from step {step}" + (" (the newer, unusable checkpoints were renamed *.corrupt)"
+                                                       if skipped else ""))
         else:
-            self.notes.append("no usable checkpoint: starting from step 0")
+            self._note("warning: no usable checkpoint: starting again from step 0")
         # Lines written after the checkpoint will be written again, identically: drop them.
-        self.run.truncate_metrics(self.state.step if state is not None else -1)
+        self.run.truncate_metrics(step)
+
+    def _note(self, line: str) -> None:
+        """One line for the person running this (stderr), kept in ``self.notes`` as well."""
+        self.notes.append(line)
+        print(f"irnn: {line}", file=sys.stderr, flush=True)
 
     def _check_foreign(self, state: dict[str, Any]) -> None:
         theirs = state.get("config", {})
@@ -215,91 +240,125 @@ class Trainer:
         if self.on_record is not None:
             self.on_record(record)
 
-    def fit(self) -> Run:
+    def begin(self) -> Run | None:
+        """Open the run for training. Returns its :class:`Run` when there is nothing left to train."""
         cfg, s = self.cfg, self.state
         prior = self.run.read_summary()
         if prior and prior.get("status") in ("completed", "diverged") and s.step >= self.total:
             return Run(self.run.path, cfg, prior)
         self.log = MetricsLog(self.run.metrics_path)
         self.trackers = make_trackers(cfg, self.run.path, self.run.path.name, self.group)
-        status, reason = "running", None
+        self.reason = None
         if s.step == 0 and not ckpt.list_checkpoints(self.run):
             self._checkpoint()  # the rollback target before the first real checkpoint
-        self._write_summary(status)
-        bar = _progress(self.total, s.step, self.run.path.name, self.progress)
-        t_chunk = time.perf_counter()
+        self._write_summary("running")
+        self.bar = _progress(self.total, s.step, self.run.path.name, self.progress)
+        self._t_chunk = time.perf_counter()
+        return None
+
+    def run_chunk(self) -> tuple[list[float], list[float], float]:
+        """Train up to the next logging/eval/checkpoint boundary; returns losses, grad norms and the lr."""
+        s, cfg = self.state, self.cfg
+        end = self._next_boundary(s.step)
+        lr = self._lr(s.step)
+        self.train_step.set_lr(lr)
+        losses, norms = [], []
+        for step in range(s.step, end):
+            x, y = self.task.batch(step, cfg.batch_size, cfg.seed)
+            loss, norm = self.train_step(x, y)
+            losses.append(loss)
+            norms.append(norm)
+        # the chunk's one host sync
+        return torch.stack(losses).double().tolist(), torch.stack(norms).double().tolist(), lr
+
+    def after_chunk(self, losses_h: list[float], norms_h: list[float], lr: float) -> bool:
+        """Accept the chunk just trained (or roll it back); log, evaluate, checkpoint. False: stop the run."""
+        cfg = self.cfg
+        s = self.state
+        bad = self._check(losses_h, norms_h)
+        if bad is not None:
+            idx, why = bad
+            if not self._rollback(s.step + idx, why, losses_h[idx], norms_h[idx]):
+                self.reason = why
+                if cfg.guard:
+                    self.reason += f"; gave up after {s.retries} rollbacks (guard_retries={cfg.guard_retries})"
+                return False
+            self.bar.n = self.state.step  # the rollback restored an earlier loop state
+            self.bar.refresh()
+            self._t_chunk = time.perf_counter()
+            return True
+        now = time.perf_counter()
+        dt = now - self._t_chunk
+        self._t_chunk = now
+        s.wall_time_s += dt
+        s.acc_loss += sum(losses_h)
+        s.acc_grad += sum(norms_h)
+        s.acc_grad_max = max([s.acc_grad_max] + norms_h)
+        s.acc_n += len(losses_h)
+        if self.guard is not None:
+            s.recent = self.guard.accept(s.recent, losses_h)
+        s.step += len(losses_h)
+        self.bar.update(s.step - self.bar.n)
+        if s.step % cfg.log_every == 0 or s.step == self.total:
+            s.last_train_loss = s.acc_loss / s.acc_n
+            self.emit({"step": s.step, "kind": "train", "train_loss": s.last_train_loss,
+                       "grad_norm": s.acc_grad / s.acc_n, "grad_norm_max": s.acc_grad_max, "lr": lr,
+                       "samples_per_s": len(losses_h) * cfg.batch_size / max(dt, 1e-9),
+                       "time_s": s.wall_time_s})
+            s.acc_loss = s.acc_grad = s.acc_grad_max = 0.0
+            s.acc_n = 0
+        evaluated = s.step % cfg.eval_every == 0 or s.step == self.total
+        if evaluated:
+            self._evaluate()
+        # Also after every evaluation: a rollback then never lands before an eval line or a
+        # best.pt, so both always belong to the trajectory that the run continues.
+        if evaluated or s.step % self.ckpt_every == 0:
+            self._checkpoint()
+        self._t_chunk = time.perf_counter()  # evaluation and checkpoints are not training time
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
+        return True
+
+    def end(self, status: str, reason: str | None = None) -> Run:
+        """Close the run: final summary, trackers, log."""
+        self.bar.close()
+        summary = self._write_summary(status, reason)
         try:
-            while s.step < self.total:
-                end = self._next_boundary(s.step)
-                lr = self._lr(s.step)
-                self.train_step.set_lr(lr)
-                losses, norms = [], []
-                for step in range(s.step, end):
-                    x, y = self.task.batch(step, cfg.batch_size, cfg.seed)
-                    loss, norm = self.train_step(x, y)
-                    losses.append(loss)
-                    norms.append(norm)
-                losses_h = torch.stack(losses).double().tolist()  # the chunk's one host sync
-                norms_h = torch.stack(norms).double().tolist()
-                bad = self._check(losses_h, norms_h)
-                if bad is not None:
-                    idx, why = bad
-                    if not self._rollback(s.step + idx, why, losses_h[idx], norms_h[idx]):
-                        status, reason = "diverged", why
-                        break
-                    bar.n = s.step
-                    bar.refresh()
-                    t_chunk = time.perf_counter()
-                    continue
-                now = time.perf_counter()
-                dt = now - t_chunk
-                t_chunk = now
-                s.wall_time_s += dt
-                s.acc_loss += sum(losses_h)
-                s.acc_grad += sum(norms_h)
-                s.acc_grad_max = max([s.acc_grad_max] + norms_h)
-                s.acc_n += len(losses_h)
-                if self.guard is not None:
-                    s.recent = self.guard.accept(s.recent, losses_h)
-                s.step = end
-                bar.update(end - bar.n)
-                if s.step % cfg.log_every == 0 or s.step == self.total:
-                    s.last_train_loss = s.acc_loss / s.acc_n
-                    self.emit({"step": s.step, "kind": "train", "train_loss": s.last_train_loss,
-                               "grad_norm": s.acc_grad / s.acc_n, "grad_norm_max": s.acc_grad_max, "lr": lr,
-                               "samples_per_s": len(losses_h) * cfg.batch_size / max(dt, 1e-9),
-                               "time_s": s.wall_time_s})
-                    s.acc_loss = s.acc_grad = s.acc_grad_max = 0.0
-                    s.acc_n = 0
-                if s.step % cfg.eval_every == 0 or s.step == self.total:
-                    self._evaluate()
-                    t_chunk = time.perf_counter()  # evaluation is not training time
-                if s.step % self.ckpt_every == 0 or s.step == self.total:
-                    self._checkpoint()
-                    t_chunk = time.perf_counter()
-                bar.set_postfix_str(self._postfix(), refresh=False)
+            finish_trackers(self.trackers, self.run.path, summary)
+        finally:
+            self.log.close()
+        return Run(self.run.path, self.cfg, summary)
+
+    def fit(self) -> Run:
+        done = self.begin()
+        if done is not None:
+            return done
+        status, reason = "running", None
+        try:
+            while self.state.step < self.total:
+                if not self.after_chunk(*self.run_chunk()):
+                    status, reason = "diverged", self.reason
+                    break
             else:
                 status = "completed"
-        except KeyboardInterrupt:
-            status, reason = "interrupted", "KeyboardInterrupt"
-            raise
+        except KeyboardInterrupt as e:
+            # The CLI turns SIGTERM into KeyboardInterrupt("SIGTERM"); a plain Ctrl-C has no message.
+            status, reason = "interrupted", str(e) or "SIGINT"
+            raise Interrupted(self.run.path, self.state.step, reason) from None
         except BaseException as e:
             status, reason = "failed", f"{type(e).__name__}: {e}"
             raise
         finally:
-            bar.close()
-            summary = self._write_summary(status, reason)
-            for t in self.trackers:
-                t.finish(summary)
-            self.log.close()
-        return Run(self.run.path, cfg, summary)
+            run = self.end(status, reason)
+        return run
 
     def _check(self, losses: list[float], norms: list[float]) -> tuple[int, str] | None:
         if self.guard is not None:
             return self.guard.check(self.state.recent, losses, norms)
         for i, (l, g) in enumerate(zip(losses, norms)):
-            if not (math.isfinite(l) and math.isfinite(g)):
-                return i, "non-finite loss or gradient (guard off)"
+            if not math.isfinite(l):
+                return i, f"non-finite loss ({l}) with the guard off"
+            if not math.isfinite(g):
+                return i, f"non-finite gradient norm ({g}) with the guard off"
         return None
 
     def _rollback(self, bad_step: int, why: str, loss: float, norm: float) -> bool:
@@ -321,6 +380,11 @@ class Trainer:
         s.retries, s.divergences, s.lr_scale = retries, divergences, lr_scale
         record.update(action="rollback", rollback_to=s.step, new_lr=cfg.lr * lr_scale, retry=retries)
         self.emit(record)
+        # The abandoned trajectory's train/eval lines (after the rollback target) would otherwise
+        # sit next to the replayed ones at the same steps; the event lines say what happened.
+        self.log.close()
+        self.run.truncate_metrics(s.step, keep_events=True)
+        self.log = MetricsLog(self.run.metrics_path)
         return True
 
     @torch.no_grad()
@@ -398,24 +462,16 @@ def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def train(cfg: Config | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
-          group: str | None = None, progress: bool | None = None, out_dir: str | Path | None = None,
-          on_record: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> Run:
-    """Train one model and return its :class:`Run`.
-
-    Args:
-        cfg: a :class:`~irnn.config.Config` (default: the ``quick`` preset); ``overrides`` replace its fields.
-        resume: an existing run folder to continue from its last good checkpoint.
-        overwrite: replace an existing run folder of the same name instead of refusing.
-        group: a tracker group name (sweeps use their own name).
-        out_dir: put the run exactly here (used by sweeps); default ``<cfg.out>/<cfg.name or generated>``.
-    """
+def open_trainer(cfg: Config | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
+                 group: str | None = None, progress: bool | None = None, out_dir: str | Path | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> Trainer:
+    """A :class:`Trainer` for a new run folder, or for continuing ``resume``; see :func:`train`."""
     if resume is not None:
         run = RunDir.open(resume)
         cfg = run.read_config()
         if overrides:
             cfg = cfg.replace(**overrides)
-        return Trainer(cfg, run, resume=True, group=group, progress=progress, on_record=on_record).fit()
+        return Trainer(cfg, run, resume=True, group=group, progress=progress, on_record=on_record)
     if cfg is None:
         cfg = from_dict(overrides, preset=overrides.pop("preset", "quick"))
     elif overrides:
@@ -428,29 +484,26 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, overwr
     try:
         trainer = Trainer(cfg, run, resume=False, group=group, progress=progress, on_record=on_record)
     except BaseException:
-        # Nothing was trained: do not leave an empty folder that blocks the same name.
-        import shutil
-
-        if not any(run.ckpt_dir.iterdir()) and not run.metrics_path.exists():
-            shutil.rmtree(run.path, ignore_errors=True)
+        # Nothing was trained: leave no empty folder that blocks the name, and give back the
+        # run that --overwrite was about to replace.
+        run.undo_create()
         raise
-    return trainer.fit()
+    run.commit_overwrite()
+    return trainer
 
 
+def train(cfg: Config | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
+          group: str | None = None, progress: bool | None = None, out_dir: str | Path | None = None,
+          on_record: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> Run:
+    """Train one model and return its :class:`Run`.
 
-
-def train_many(cfgs: list[Config], out_dirs: list[str | Path], *, group: str | None = None,
-               progress: bool | None = None, resume: bool = True) -> list[Run]:
-    """Train several runs into the given folders (resuming any that already started).
-
-    This is the entry point sweeps use; compatible members may be trained
-    together as one stacked ensemble (see ``irnn.engine.ensemble``).
+    Args:
+        cfg: a :class:`~irnn.config.Config` (default: the ``quick`` preset); ``overrides`` replace its fields.
+        resume: an existing run folder to continue from its last good checkpoint.
+        overwrite: replace an existing run folder of the same name instead of refusing.
+        group: a tracker group name (sweeps use their own name).
+        out_dir: put the run exactly here (used by sweeps); default ``<cfg.out>/<cfg.name or generated>``.
+        on_record: called with every metrics record as it is written.
     """
-    runs = []
-    for cfg, out in zip(cfgs, out_dirs):
-        out = Path(out)
-        if resume and (out / "config.json").is_file():
-            runs.append(train(resume=out, group=group, progress=progress))
-        else:
-            runs.append(train(cfg, out_dir=out, overwrite=True, group=group, progress=progress))
-    return runs
+    return open_trainer(cfg, resume=resume, overwrite=overwrite, group=group, progress=progress, out_dir=out_dir,
+                        on_record=on_record, **overrides).fit()
