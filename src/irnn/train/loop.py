@@ -121,6 +121,10 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            # TF32 compounds over long recurrences with W ~ I (PERF_NOTES): keep fp32-grade matmuls.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         seed_everything(cfg.seed)
         self.task: Task = make_task(cfg, self.device)
         self.model = build_model(cfg, self.task.input_size, self.task.output_size).to(self.device)
