@@ -11,14 +11,14 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 
 bash benchmarks/gpu_check.sh
 
-timeout -k 5 120 python3 benchmarks/bench_step.py --device cuda --seq-len 150 400 --repeats 5 --steps 20 \
+timeout -k 5 90 python3 benchmarks/bench_step.py --device cuda --seq-len 150 400 --repeats 3 --steps 20 \
   --ensemble 64 512 2>&1 | tee "$OUT/bench_step_cuda.md"
 
 {
-  timeout -k 5 100 python3 -m irnn.cli train --device cuda --seq-len 150 --steps 4000 --batch-size 32 --lr 1e-3 \
+  timeout -k 5 60 python3 -m irnn.cli train --device cuda --seq-len 150 --steps 4000 --batch-size 32 --lr 1e-3 \
     --eval-every 500 --test-size 2000 --out /tmp/gpuruns --name irnn150 --quiet
   echo "train exit status: $?"
-  timeout -k 5 100 python3 - <<'PY'
+  timeout -k 5 80 python3 - <<'PY'
 import json, time
 import torch
 import irnn

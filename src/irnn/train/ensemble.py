@@ -67,6 +67,8 @@ def fit_together(trainers: list[Trainer], progress: bool = False) -> list[Run]:
     if active and not stackable([t.model for t in active]):
         raise ValueError("these members cannot be stacked into one ensemble")
     step = StackedStep(active[0].task.loss_fn) if active else None
+    for t in active:  # recorded in each member's summary
+        t.engine = f"ensemble-{'triton' if t.device.type == 'cuda' else 'fused'}"
     total = sum(t.total - t.state.step for t in active)
     bar = tqdm(total=total, desc=f"ensemble of {len(active)}", unit="model-step", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
