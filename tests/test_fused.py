@@ -1,0 +1,312 @@
+"""The fused RNN engine (irnn.engine.fused) against nn.RNN and its own reference path.
+
+The C++ extension is built once per session on first use (about a minute); everything else is fast.
+Set IRNN_NO_EXTENSION=1 to run only the pure-PyTorch path.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from irnn.engine import fused
+
+NO_EXTENSION = os.environ.get("IRNN_NO_EXTENSION", "") not in ("", "0")
+IMPLS = ["python"] if NO_EXTENSION else ["cpp", "python"]
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a loaded 2-core machine every OpenMP barrier of a 2-thread run can wait out
+    a whole scheduler slice, which makes these small tests take minutes. test_threads_split_rows covers
+    the multi-threaded split."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def weights(n_models, hidden, inputs, dtype=torch.float64, seed=0, dead=0):
+    """Random (w_ih, w_hh, b_ih, b_hh), stacked if n_models; the first `dead` units get a bias of -5."""
+    g = torch.Generator().manual_seed(seed)
+    lead = (n_models,) if n_models else ()
+    bound = hidden ** -0.5
+    w_ih = (torch.rand(*lead, hidden, inputs, generator=g, dtype=dtype) * 2 - 1) * bound
+    w_hh = (torch.rand(*lead, hidden, hidden, generator=g, dtype=dtype) * 2 - 1) * bound
+    b_ih = (torch.rand(*lead, hidden, generator=g, dtype=dtype) * 2 - 1) * bound
+    b_hh = (torch.rand(*lead, hidden, generator=g, dtype=dtype) * 2 - 1) * bound
+    b_hh[..., :dead] = -5.0
+    return [w.requires_grad_() for w in (w_ih, w_hh, b_ih, b_hh)]
+
+
+def grads_of(out, tensors, g):
+    return torch.autograd.grad(out, tensors, g, retain_graph=True)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_extension_builds():
+    if NO_EXTENSION:
+        pytest.skip("IRNN_NO_EXTENSION is set")
+    assert fused.available(), "the C++ extension did not build; see the warning above"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+@pytest.mark.parametrize("shape", [(3, 5, 2, 4), (2, 4, 11, 7), (1, 1, 1, 1)])  # B, T, I, H; I = 11 > 8: GEMM input
+def test_gradcheck(impl, nonlinearity, shape):
+    b, t, i, h = shape
+    x = torch.randn(b, t, i, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    params = weights(0, h, i, seed=2)
+    assert torch.autograd.gradcheck(lambda *a: fused.rnn_layer(*a, nonlinearity=nonlinearity, impl=impl),
+                                    (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_stacked_with_dead_units(impl):
+    # Dead units (bias -5) make the C++ weight gradient run on gathered nonzero units.
+    x = torch.rand(2, 3, 6, 2, dtype=torch.float64).requires_grad_()
+    params = weights(2, 9, 2, seed=3, dead=6)
+    assert torch.autograd.gradcheck(lambda *a: fused.rnn_layer(*a, impl=impl), (x, *params), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+def _compare_with_nn_rnn(impl, batch, seq_len, inputs, hidden, layers, nonlinearity, irnn_init, seed):
+    torch.manual_seed(seed)
+    rnn = nn.RNN(inputs, hidden, layers, nonlinearity=nonlinearity, batch_first=True).double()
+    if irnn_init:  # identity recurrence, small inputs, some dead units: sparse ReLU states
+        with torch.no_grad():
+            for layer in range(layers):
+                getattr(rnn, f"weight_hh_l{layer}").copy_(torch.eye(hidden))
+                getattr(rnn, f"weight_ih_l{layer}").normal_(0, 0.1)
+                getattr(rnn, f"bias_hh_l{layer}")[: hidden // 2] = -1.0
+    x = torch.rand(batch, seq_len, inputs, dtype=torch.float64, requires_grad=True)
+    tensors = [x, *rnn.parameters()]
+    ref, _ = rnn(x)
+    out = fused.rnn_forward(rnn, x, impl=impl)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g in (torch.randn_like(ref), torch.zeros_like(ref).index_fill_(1, torch.tensor([seq_len - 1]), 1.0)):
+        expected = grads_of(ref, tensors, g)
+        got = grads_of(out, tensors, g)
+        scale = max(float(e.abs().max()) for e in expected) + 1e-30
+        for name, e, o in zip(["x"] + [n for n, _ in rnn.named_parameters()], expected, got):
+            torch.testing.assert_close(o, e, rtol=1e-9, atol=1e-11 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(1, 9), seq_len=st.integers(1, 300), inputs=st.integers(1, 12), hidden=st.integers(1, 40),
+       layers=st.integers(1, 3), nonlinearity=st.sampled_from(["relu", "tanh"]), irnn_init=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_matches_nn_rnn(impl, batch, seq_len, inputs, hidden, layers, nonlinearity, irnn_init, seed):
+    _compare_with_nn_rnn(impl, batch, seq_len, inputs, hidden, layers, nonlinearity, irnn_init, seed)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("irnn_init", [False, True])
+def test_matches_nn_rnn_benchmark_shape(impl, irnn_init):
+    _compare_with_nn_rnn(impl, 16, 150, 2, 100, 1, "relu", irnn_init, seed=5)
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_models", [3, 10])  # 10 > the C++'s per-model compaction limit: one bmm
+def test_stacked_equals_separate(impl, n_models):
+    x = torch.rand(n_models, 4, 13, 3, dtype=torch.float64, requires_grad=True)
+    params = weights(n_models, 17, 3, seed=4, dead=8)
+    out = fused.rnn_layer(x, *params, impl=impl)
+    g = torch.randn_like(out)
+    stacked_grads = grads_of(out, [x, *params], g)
+    for n in range(n_models):
+        xn = x[n].detach().requires_grad_()
+        pn = [p[n].detach().requires_grad_() for p in params]
+        out_n = fused.rnn_layer(xn, *pn, impl=impl)
+        torch.testing.assert_close(out[n], out_n, rtol=1e-13, atol=1e-13)
+        for sg, gn in zip(stacked_grads, grads_of(out_n, [xn, *pn], g[n])):
+            torch.testing.assert_close(sg[n], gn, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_forward(impl):
+    x = torch.rand(5, 20, 2)
+    params = weights(0, 30, 2, dtype=torch.float32)
+    with_grad = fused.rnn_layer(x, *params, impl=impl)
+    with torch.no_grad():
+        out = fused.rnn_layer(x, *params, impl=impl)
+    assert out.grad_fn is None and not out.requires_grad
+    assert out.dtype == torch.float32 and out.shape == (5, 20, 30)
+    torch.testing.assert_close(out, with_grad.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dead", [0, 60])
+def test_deterministic(impl, dead):
+    x = torch.rand(16, 150, 2)
+    params = weights(0, 100, 2, dtype=torch.float32, dead=dead)
+
+    def run():
+        out = fused.rnn_layer(x, *params, impl=impl)
+        return [out.detach(), *torch.autograd.grad(out[:, -1].sum(), params)]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_threads_split_rows():
+    if NO_EXTENSION:
+        pytest.skip("IRNN_NO_EXTENSION is set")
+    x = torch.rand(16, 100, 2)
+    params = weights(0, 64, 2, dtype=torch.float32, dead=10)
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        out = fused.rnn_layer(x, *params, impl="cpp")
+        return fused._chunks(x, params[1]), out.detach(), torch.autograd.grad(out[:, -1].sum(), params)
+
+    (c1, out1, grads1), (c2, out2, grads2) = run(1), run(2)
+    assert (c1, c2) == (1, 2)
+    assert torch.equal(out1, out2)  # each row's sums run in the same order whatever the split
+    for a, b in zip(grads1, grads2):  # the GEMMs after the loop belong to MKL, which may split differently
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set_agrees(isa, monkeypatch):
+    if NO_EXTENSION:
+        pytest.skip("IRNN_NO_EXTENSION is set")
+    if fused._ISA[isa] > fused._ops.best_isa():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("IRNN_FUSED_ISA", isa)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        x = torch.rand(7, 40, 3, dtype=dtype, requires_grad=True)
+        params = weights(0, 37, 3, dtype=dtype, dead=10)
+        out = fused.rnn_layer(x, *params, impl="cpp")
+        ref = fused.rnn_layer(x, *params, impl="python")
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        g = torch.randn_like(out)
+        for a, b in zip(grads_of(out, [x, *params], g), grads_of(ref, [x, *params], g)):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_relu_gradient_at_exactly_zero_preactivation(impl):
+    # x = 0, W_hh = I and b_ih = 0 for the first half of the units: their z is exactly 0 at every step.
+    # nn.RNN (threshold_backward) passes no gradient through relu at 0; so must we.
+    hidden = 6
+    rnn = nn.RNN(1, hidden, nonlinearity="relu", batch_first=True).double()
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(torch.eye(hidden))
+        rnn.bias_hh_l0.zero_()
+        rnn.bias_ih_l0.copy_(torch.tensor([0.0] * (hidden // 2) + [0.5] * (hidden - hidden // 2)))
+    x = torch.zeros(3, 8, 1, dtype=torch.float64, requires_grad=True)
+    ref, _ = rnn(x)
+    out = fused.rnn_forward(rnn, x, impl=impl)
+    assert (out[..., : hidden // 2] == 0).all()
+    tensors = [x, *rnn.parameters()]
+    for e, o in zip(grads_of(ref.sum(), tensors, None), grads_of(out.sum(), tensors, None)):
+        torch.testing.assert_close(o, e, rtol=1e-14, atol=0)
+
+
+def test_gradients_land_in_the_module():
+    model_a = nn.RNN(2, 12, 2, batch_first=True)
+    model_b = nn.RNN(2, 12, 2, batch_first=True)
+    model_b.load_state_dict(model_a.state_dict())
+    x = torch.rand(4, 25, 2)
+    model_a(x)[0][:, -1].pow(2).sum().backward()
+    fused.rnn_forward(model_b, x)[:, -1].pow(2).sum().backward()
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert list(model_b.state_dict()) == list(model_a.state_dict())
+
+
+def test_time_major_module_and_noncontiguous_input():
+    rnn = nn.RNN(3, 8, batch_first=False).double()
+    x = torch.rand(5, 11, 3, dtype=torch.float64).transpose(0, 1)  # [T=11, B=5, I], a strided view
+    torch.testing.assert_close(fused.rnn_forward(rnn, x), rnn(x)[0], rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: nn.RNN(2, 4, bidirectional=True, batch_first=True),
+    lambda: nn.RNN(2, 4, num_layers=2, dropout=0.5, batch_first=True),
+    lambda: nn.RNN(2, 4, bias=False, batch_first=True),
+    lambda: nn.LSTM(2, 4, batch_first=True),
+    lambda: nn.GRU(2, 4, batch_first=True),
+])
+def test_unsupported_modules(make):
+    module = make()
+    assert not fused.supports(module)
+    with pytest.raises(ValueError):
+        fused.rnn_forward(module, torch.rand(2, 3, 2))
+
+
+def test_supported_module():
+    assert fused.supports(nn.RNN(2, 4, num_layers=3, nonlinearity="relu", batch_first=True))
+
+
+def test_bad_arguments():
+    x = torch.rand(2, 3, 4)
+    params = weights(0, 5, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        fused.rnn_layer(x.double(), *params)
+    with pytest.raises(ValueError, match="CPU"):
+        fused.rnn_layer(x.to("meta"), *[p.detach().to("meta") for p in params])
+    with pytest.raises(ValueError, match="w_ih"):
+        fused.rnn_layer(torch.rand(2, 3, 5), *params)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        fused.rnn_layer(x, *params, nonlinearity="gelu")
+    with pytest.raises(ValueError, match="impl"):
+        fused.rnn_layer(x, *params, impl="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+def test_no_extension_env_falls_back():
+    code = textwrap.dedent("""
+        import warnings, torch
+        warnings.simplefilter("error")  # the forced fallback is silent: no build attempted, no warning
+        from irnn.engine import fused
+        assert not fused.available()
+        x = torch.rand(2, 5, 2, dtype=torch.float64)
+        params = [torch.rand(3, 2).double(), torch.rand(3, 3).double(), torch.rand(3).double(), torch.rand(3).double()]
+        out = fused.rnn_layer(x, *params)
+        torch.testing.assert_close(out, fused.rnn_layer(x, *params, impl="python"), rtol=0, atol=0)
+        try:
+            fused.rnn_layer(x, *params, impl="cpp")
+        except RuntimeError:
+            print("ok")
+    """)
+    path = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, IRNN_NO_EXTENSION="1", PYTHONPATH=path)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Error building extension 'irnn_fused_rnn'\nfused_rnn.cpp:1:1: error: no compiler")
+
+    monkeypatch.setattr(fused, "_ops", None)
+    monkeypatch.setattr(fused, "_build_failed", False)
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    monkeypatch.delenv("IRNN_NO_EXTENSION", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not fused.available()
+        assert not fused.available()
+        x = torch.rand(2, 4, 3)
+        out = fused.rnn_layer(x, *weights(0, 5, 3, dtype=torch.float32))
+    assert out.shape == (2, 4, 5)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no compiler" in messages[0] and "\n" not in messages[0]
