@@ -642,7 +642,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor&
 }
 
 // Stacks of more models than this use one dense bmm for dW_hh instead of a compacted GEMM per model.
-constexpr int64_t kCompactMaxModels = 8;
+constexpr int64_t kCompactMaxModels = 64;
 
 // dW_hh[n] = sum_{i >= 1} dz[n, i]^T h[n, i - 1] over the flat rows i = (b, t) of dz, h [N, R, H]
 // (the caller has zeroed dz's t = 0 rows, whose h[i - 1] belongs to the previous sequence).
