@@ -137,7 +137,7 @@ class Trainer:
         self.state = LoopState()
         self.versions = versions()  # once: the code that runs is the code loaded now (and git is slow to ask)
         self.guard = DivergenceGuard(cfg.guard_factor, cfg.guard_window, self.task.baseline_loss) if cfg.guard else None
-        self.total = cfg.total_steps()
+        self.total = cfg.total_steps(None if self.task.train_x is None else self.task.train_x.shape[0])
         self.ckpt_every = cfg.ckpt_every or cfg.eval_every
         self.progress = (not cfg.quiet) if progress is None else progress
         self.notes: list[str] = []
