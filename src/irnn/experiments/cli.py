@@ -1,0 +1,240 @@
+"""``irnn sweep``, ``irnn reproduce`` and ``irnn plot``: parse, then call the experiments API."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import ConfigError
+
+ENV_OPTIONS = ("quiet", "device", "threads", "track", "engine")
+
+
+def _backend_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: this machine, --workers processes; ray: a Ray Tune trial per member (default: local)")
+    g.add_argument("--address", metavar="ADDR", default=None, help="Ray cluster address for --backend ray (e.g. auto)")
+    g.add_argument("--workers", metavar="N", default=None,
+                   help="local worker processes sharing the sweep (default: 1; reproduce --budget quick: 2)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing sweep folder of the same name that holds a different spec")
+
+
+def _workers(args: argparse.Namespace) -> int | None:
+    if args.workers is None:
+        return None
+    try:
+        n = int(args.workers)
+    except ValueError:
+        raise ConfigError(f"--workers must be a whole number >= 1, got {args.workers!r}") from None
+    if n < 1:
+        raise ConfigError(f"--workers must be >= 1, got {n}")
+    return n
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    if args.backend == "ray" and args.workers is not None:
+        raise ConfigError("--workers is for --backend local; Ray schedules its own workers")
+    if args.address and args.backend != "ray":
+        raise ConfigError("--address is for --backend ray")
+
+
+def _interruptible(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except KeyboardInterrupt as e:
+            by = "SIGTERM" if str(e).startswith("SIGTERM") or getattr(e, "signal_name", None) == "SIGTERM" else "SIGINT"
+            print(f"irnn: interrupted by {by}; run the same command again to resume (finished members are kept, "
+                  f"the others continue from their last checkpoint)", file=sys.stderr)
+            return 143 if by == "SIGTERM" else 130
+
+    return run
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import ENV_KEYS, create, load_spec, parse_grid_args, parse_spec, run_sweep
+    from ..cli import config_values
+
+    _check_backend(args)
+    workers = _workers(args) or 1
+    base = {k: v for k, v in config_values(args).items() if k not in ("name", "out")}
+    grid = parse_grid_args(args.grid or [])
+    if args.file:
+        spec = load_spec(args.file, name=args.name)
+        both = sorted(set(base) & set(k for t in spec.grid for k in t))
+        if both:
+            raise ConfigError(f"--{both[0].replace('_', '-')} is swept in {args.file}; drop the option or the grid entry")
+        spec.base.update(base)
+        if grid:
+            spec.grid = [{**t, **grid} for t in (spec.grid or [{}])]
+            spec = parse_spec(spec.to_dict(), source=args.file)
+    else:
+        if not args.name:
+            raise ConfigError("a sweep needs --name NAME (or a sweep FILE that has a name)")
+        if not grid:
+            raise ConfigError("a sweep needs a grid: a sweep FILE or --grid KEY=V1,V2 (e.g. --grid seed=0,1,2)")
+        spec = parse_spec({"name": args.name, "base": base, "grid": grid}, source="command line")
+    spec.base.setdefault("quiet", True)
+    env = {k: v for k, v in spec.base.items() if k in ENV_KEYS}
+    sweep = create(spec, args.out, overwrite=args.overwrite, env=env)
+    print(f"sweep {spec.name}: {len(sweep.names)} members in {sweep.path}", flush=True)
+    t0 = time.perf_counter()
+    table = run_sweep(sweep, backend=args.backend, address=args.address, workers=workers, echo=True)
+    print(f"\n{table.markdown()}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; tables: {sweep.path / 'results.md'}, "
+          f"{sweep.path / 'results.csv'}, {sweep.path / 'members.csv'}")
+    from .aggregate import collect
+
+    states = [m.state for m in collect(sweep.path)]
+    return 0 if all(s in ("completed", "diverged") for s in states) else 1
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} takes whole numbers separated by commas, got {text!r}") from None
+    if not vals:
+        raise ConfigError(f"{what} takes whole numbers separated by commas, got {text!r}")
+    return vals
+
+
+def _int(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(str(text).replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{what} must be a whole number, got {text!r}") from None
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    _check_backend(args)
+    workers = _workers(args)
+    from ..cli import config_values
+
+    env = {k: v for k, v in config_values(args).items() if k in ENV_OPTIONS}
+    t0 = time.perf_counter()
+    report = reproduce(args.task, preset=args.preset, budget=args.budget, out=args.out, name=args.name,
+                       backend=args.backend, address=args.address, workers=workers,
+                       lengths=_int_list(args.lengths, "--lengths") if args.lengths else None,
+                       seeds=_int(args.seeds, "--seeds"), steps=_int(args.steps, "--steps"),
+                       overwrite=args.overwrite, env=env, echo=True,
+                       command="irnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"]
+                       else f"irnn reproduce {args.task} --preset {args.preset} --budget {args.budget}")
+    _print_verdicts(report)
+    print(f"\nreport: {report}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _print_verdicts(report: Path) -> None:
+    text = report.read_text()
+    start = text.find("## Verdicts")
+    if start < 0:
+        return
+    print()
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("How each verdict"):
+            break
+        if line.startswith("| ") and not line.startswith("| claim"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) >= 4:
+                print(f"- {cells[0]} ({cells[1]}): {cells[2].strip('*')}\n    {cells[3]}")
+    print()
+    table = report.parent / "results.md"
+    if table.exists():
+        print(table.read_text())
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .aggregate import collect, group_settings, load_run
+    from .reproduce import make_figures, write_report
+    from .sweep import is_sweep, open_sweep
+    from . import figures
+
+    path = Path(args.target)
+    if not path.exists():
+        raise ConfigError(f"{str(path)!r} does not exist; give a run folder or a sweep folder")
+    out = Path(args.out) if args.out else path / "figures"
+    written: list[Path] = []
+    if is_sweep(path):
+        sweep = open_sweep(path)
+        if sweep.meta.get("study") == "adding" and args.out is None:
+            report = write_report(path)
+            written = sorted((path / "figures").glob("*.png")) + [report]
+        else:
+            members = collect(path)
+            written = list(make_figures(members, out).values())
+            if not written:
+                raise ConfigError(f"sweep {str(path)!r} has no evaluated runs yet; nothing to plot")
+    elif (path / "config.json").is_file():
+        m = load_run(path)
+        if not m.evals and not m.train_loss:
+            raise ConfigError(f"run {str(path)!r} has no metrics yet; nothing to plot")
+        if m.evals:
+            written += figures.loss_per_epoch(group_settings([m]), out)[:1]
+        written += figures.overfit_check(m, out)[:1]
+    else:
+        raise ConfigError(f"{str(path)!r} is neither a run folder (config.json) nor a sweep folder (sweep.json)")
+    for p in written:
+        print(p)
+    return 0
+
+
+def add_commands(sub: Any, add_config_options: Callable[..., None]) -> None:
+    """Register ``sweep``, ``reproduce`` and ``plot`` on the ``irnn`` parser."""
+    from dataclasses import fields
+
+    from ..config import Config
+
+    p = sub.add_parser(
+        "sweep", help="train a grid of runs (resumable; several processes may share one sweep)",
+        description="Train every combination of a grid of config values. Each member is an ordinary run folder "
+                    "under OUT/NAME/members/. Running the same command again skips finished members and resumes the "
+                    "rest; two processes on one sweep share the work. Base options (below) apply to every member.",
+        epilog="example: irnn sweep --name s1 --grid seq_len=50,100 --grid model=irnn,lstm --grid seed=0,1,2 --steps 3000")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help="TOML or YAML sweep file: name = '...', [base] key = value, [grid] key = [values] "
+                        "(or [[grid]] tables, joined)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a swept config key and its values; repeat")
+    p.add_argument("--name", metavar="NAME", help="sweep name (its folder under --out)")
+    p.add_argument("--out", metavar="DIR", default="runs", help="root folder of sweeps (default: runs)")
+    _backend_options(p)
+    add_config_options(p, exclude=("name", "out"))
+    p.set_defaults(func=_interruptible(cmd_sweep))
+
+    env_exclude = [f.name for f in fields(Config) if f.name not in ENV_OPTIONS]
+    p = sub.add_parser(
+        "reproduce", help="reproduce a paper study: sweep, figures, results table and a verdict per claim",
+        description="Reproduce Le et al. (2015) Figure 2 (adding problem, T = 150/200/300/400; IRNN, tanh RNN, "
+                    "ReLU RNN, LSTM; 3 seeds) and write OUT/NAME/report.md with figures, tables and a verdict per "
+                    "claim. --budget quick is cut to fit 20 minutes on 2 CPU cores and says what it cut; full is "
+                    "the real study, meant for a GPU. Re-running resumes.")
+    p.add_argument("task", choices=("adding",), help="the study: adding")
+    p.add_argument("--preset", choices=("seed", "paper"), default="seed",
+                   help="seed: the prototype's settings (Adam, clip 1, IRNN 0.01 x I); paper: search the paper's grid "
+                        "(SGD, clip 1/10/100, lr grid, LSTM forget bias 1/4/10/20) and keep the best (default: seed)")
+    p.add_argument("--budget", choices=("quick", "full"), default="quick", help="quick (default) or full")
+    p.add_argument("--out", metavar="DIR", default="runs", help="root folder (default: runs)")
+    p.add_argument("--name", metavar="NAME", default=None, help="sweep name (default: adding-PRESET-BUDGET)")
+    p.add_argument("--lengths", metavar="T1,T2", default=None, help="override the budget's sequence lengths")
+    p.add_argument("--seeds", metavar="N", default=None, help="override the budget's number of seeds")
+    p.add_argument("--steps", metavar="N", default=None, help="override the budget's steps per run")
+    _backend_options(p)
+    add_config_options(p, exclude=env_exclude)
+    p.set_defaults(func=_interruptible(cmd_reproduce))
+
+    p = sub.add_parser("plot", help="draw the figures of a run or a sweep",
+                       description="Draw the applicable figures (PNG and SVG) for a run folder (loss per epoch, "
+                                   "overfitting check) or a sweep folder (also the paper-style grid; for a reproduce "
+                                   "study, the tables and report.md are rewritten too).")
+    p.add_argument("target", metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder")
+    p.add_argument("--out", metavar="DIR", default=None, help="where to write the figures (default: TARGET/figures)")
+    p.set_defaults(func=cmd_plot)

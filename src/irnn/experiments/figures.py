@@ -1,0 +1,198 @@
+"""Figures (matplotlib, Agg): each written as PNG and SVG.
+
+* :func:`paper_grid`: Le et al. Figure 2 — test MSE against steps, one panel per sequence
+  length, one line per model (mean over seeds) with a min–max band, the constant-prediction
+  baseline and the solved threshold drawn.
+* :func:`loss_per_epoch`: the prototype's "validation loss per epoch" plot, one line per
+  ``<model>-<T>`` label (``irnn-150``, ``irnn-200``, ...).
+* :func:`overfit_check`: train and test loss against step for one run.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .aggregate import MODEL_NAMES, Member, SettingStats
+
+COLORS = {"irnn": "#d62728", "lstm": "#1f77b4", "rnn-relu": "#2ca02c", "rnn-tanh": "#ff7f0e", "gru": "#9467bd"}
+# The two baselines often lie on top of each other at the plateau: draw the ReLU RNN wide and the tanh RNN thin.
+WIDTHS = {"rnn-relu": 3.2, "rnn-tanh": 1.3}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg"):
+        p = out_dir / f"{stem}.{ext}"
+        tmp = out_dir / f".{stem}.tmp.{ext}"
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=ext)
+        tmp.replace(p)
+        paths.append(p)
+    _plt().close(fig)
+    return paths
+
+
+def _curve_band(members: Sequence[Member], attr: str = "evals") -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean, min and max over seeds at every step that any seed evaluated (seeds that stopped
+    early, e.g. diverged, drop out of later steps)."""
+    by_step: dict[int, list[float]] = {}
+    for m in members:
+        for step, v in getattr(m, attr):
+            if isinstance(v, float) and math.isfinite(v):
+                by_step.setdefault(step, []).append(v)
+    steps = sorted(by_step)
+    mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+    lo = [min(by_step[s]) for s in steps]
+    hi = [max(by_step[s]) for s in steps]
+    return [float(s) for s in steps], mean, lo, hi
+
+
+def _use_log(values: Sequence[float], metric: str) -> bool:
+    pos = [v for v in values if v > 0]
+    return metric != "test_acc" and bool(pos) and max(pos) / min(pos) > 20
+
+
+def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str = "fig_paper_grid",
+               title: Optional[str] = None) -> list[Path]:
+    """Le et al. Figure 2: one panel per sequence length, one line per model (its chosen setting).
+
+    Args:
+        cells: one :class:`SettingStats` per (length, model), e.g. from ``best_settings``.
+    """
+    plt = _plt()
+    lengths = sorted({c.seq_len for c in cells})
+    if not lengths:
+        raise ValueError("no runs to plot")
+    n = len(lengths)
+    ncols = min(n, 2) if n == 4 else min(n, 3)
+    nrows = math.ceil(n / ncols)
+    size = (8.0, 5.2) if n == 1 else (5.2 * ncols, 3.9 * nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    metric = cells[0].first.primary_metric
+    all_vals = [v for c in cells for m in c.members for _, v in m.evals if isinstance(v, float) and math.isfinite(v)]
+    log = _use_log(all_vals, metric)
+    for ax, T in zip(axes.flat, lengths):
+        row = [c for c in cells if c.seq_len == T]
+        baseline = next((c.baseline for c in row if c.baseline is not None), None)
+        for c in row:
+            steps, mean, lo, hi = _curve_band(c.members)
+            if not steps:
+                continue
+            color = COLORS.get(c.model)
+            ax.plot(steps, mean, color=color, lw=WIDTHS.get(c.model, 1.8),
+                    label=f"{MODEL_NAMES.get(c.model, c.model)} ({len(c.members)} seeds)")
+            if len(c.members) > 1:
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
+                for m in c.members:  # each seed, thin: a mean over seeds hides when each one left the plateau
+                    pts = [(st, v) for st, v in m.evals if math.isfinite(v)]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=0.6, alpha=0.45)
+        if baseline is not None:
+            ax.axhline(baseline, color="0.35", ls="--", lw=1.1, label=f"predict the mean ({baseline:.3g})")
+        if metric != "test_acc":
+            thr = row[0].threshold
+            ax.axhline(thr, color="0.6", ls=":", lw=1.0, label=f"solved: MSE < {thr:g}")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"adding problem, T = {T}")
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("test MSE" if metric == "test_mse" else metric.replace("_", " "))
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    # one legend for all panels, below them
+    handles: dict[str, object] = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            key = label.split(" (")[0] if not label.startswith(("predict", "solved")) else label
+            handles.setdefault(key, (h, label))
+    fig.suptitle(title or "Test MSE against training steps\n(thick: mean over seeds; thin: each seed; band: min–max)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(handles) > 3) / nrows, 1, 1))
+    fig.legend([h for h, _ in handles.values()], [lab for _, lab in handles.values()], loc="lower center",
+               ncol=min(len(handles), 3), fontsize=9, frameon=False)
+    return _save(fig, Path(out_dir), stem)
+
+
+def loss_per_epoch(groups: Sequence[Sequence[Member]], out_dir: str | Path, *, stem: str = "fig_loss_per_epoch",
+                   title: Optional[str] = None) -> list[Path]:
+    """The prototype's plot: test ("validation") loss against epochs, one line per run label.
+
+    An epoch is ``train_size / batch_size`` steps; several seeds of one label are averaged.
+
+    Args:
+        groups: members grouped by label (each group drawn as one line, mean over seeds).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    vals = []
+    palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
+    groups = [g for g in groups if g]
+    groups = sorted(groups, key=lambda g: (g[0].model, g[0].seq_len))
+    for i, g in enumerate(groups):
+        cfg = g[0].config
+        per_epoch = int(cfg.get("train_size", 1)) / int(cfg.get("batch_size", 1))
+        steps, mean, lo, hi = _curve_band(g, "test_loss")
+        if not steps:
+            continue
+        epochs = [s / per_epoch for s in steps]
+        vals += mean
+        color = palette[i % len(palette)] if len({m.model for gg in groups for m in gg}) == 1 \
+            else COLORS.get(g[0].model)
+        ax.plot(epochs, mean, lw=1.8, color=color, label=g[0].label + (f" (mean of {len(g)} seeds; thin: each)" if len(g) > 1 else ""))
+        if len(g) > 1:
+            for m in g:
+                pts = [(st / per_epoch, v) for st, v in m.test_loss if math.isfinite(v)]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.6, alpha=0.45, color=color)
+                vals += [p[1] for p in pts]
+    base = next((m.summary.get("baseline_loss") for g in groups for m in g if m.summary.get("baseline_loss")), None)
+    if isinstance(base, (int, float)):
+        ax.axhline(base, color="0.35", ls="--", lw=1.1, label=f"predict the mean ({base:.3g})")
+    if _use_log(vals, "test_loss"):
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch (passes over the training set)")
+    ax.set_ylabel("validation (test) loss")
+    ax.set_title(title or "Validation loss per epoch")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(out_dir), stem)
+
+
+def overfit_check(member: Member, out_dir: str | Path, *, stem: str = "fig_overfit_check") -> list[Path]:
+    """Train loss (mean over each logging window) and test loss against step for one run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    tr = [(s, v) for s, v in member.train_loss if math.isfinite(v)]
+    te = [(s, v) for s, v in member.test_loss if math.isfinite(v)]
+    if tr:
+        ax.plot([s for s, _ in tr], [v for _, v in tr], color="#1f77b4", lw=1.2, alpha=0.9, label="train loss")
+    if te:
+        ax.plot([s for s, _ in te], [v for _, v in te], color="#d62728", lw=1.8, marker="o", ms=2.5, label="test loss")
+    base = member.summary.get("baseline_loss")
+    if isinstance(base, (int, float)):
+        ax.axhline(base, color="0.35", ls="--", lw=1.1, label=f"predict the mean ({base:.3g})")
+    if _use_log([v for _, v in tr + te], "test_loss"):
+        ax.set_yscale("log")
+    if isinstance(base, (int, float)) and tr and max(v for _, v in tr) > 3 * base:
+        # the first logging window can hold a huge loss: keep the interesting range readable
+        top = max([3 * base] + [v for _, v in te if v < 10 * base])
+        ax.set_ylim(top=top * 1.3)
+        ax.text(0.5, 0.99, "(train loss above the top edge clipped)", transform=ax.transAxes, ha="center",
+                va="top", fontsize=7, color="0.4")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("loss (MSE)" if member.primary_metric == "test_mse" else "loss")
+    ax.set_title(f"Overfitting check: {member.label}, seed {member.seed} ({member.name})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(out_dir), stem)

@@ -1,0 +1,274 @@
+"""Aggregation arithmetic, best-setting selection, figures and verdicts, on synthetic run folders."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from irnn.config import ConfigError
+from irnn.experiments import collect, create, parse_spec, steps_to_threshold, write_report
+from irnn.experiments.aggregate import Member, SettingStats, best_settings, mean_std, settings, settings_table
+from irnn.experiments.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, verdicts
+from irnn.experiments.reproduce import make_figures, study_spec
+
+BASELINE = 1 / 6
+EVERY = 250
+
+
+def curve(solve_at: int | None, steps: int, end: float = 0.002, plateau: float = 0.17) -> list[tuple[int, float]]:
+    """Test MSE every EVERY steps: the plateau, then ``end`` from ``solve_at`` on."""
+    return [(s, plateau if solve_at is None or s < solve_at else end) for s in range(EVERY, steps + 1, EVERY)]
+
+
+def write_run(path: Path, cfg: dict, evals: list[tuple[int, float]], *, status: str = "completed",
+              wall: float = 10.0) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"config": cfg}))
+    lines = []
+    for step, v in evals:
+        lines.append({"step": step, "kind": "train", "train_loss": v * 0.9, "time_s": step / 100})
+        lines.append({"step": step, "kind": "eval", "test_mse": v, "test_loss": v})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    solved = steps_to_threshold(evals, 0.01)
+    summary = {"status": status, "name": path.name, "label": f"{cfg['model']}-{cfg['seq_len']}", "model": cfg["model"],
+               "seq_len": cfg["seq_len"], "seed": cfg["seed"], "steps": evals[-1][0] if evals else 0,
+               "total_steps": cfg["steps"], "primary_metric": "test_mse", "best_test_mse": min(v for _, v in evals),
+               "final_test_mse": evals[-1][1], "baseline_test_mse": BASELINE, "baseline_mse": BASELINE,
+               "baseline_loss": BASELINE, "solved_step": solved, "solved_threshold": 0.01, "wall_time_s": wall}
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+def fake_sweep(root: Path, runs: dict[str, tuple], *, grid: dict, base: dict | None = None, meta: dict | None = None,
+               name: str = "fake") -> Path:
+    """A real sweep folder (sweep.json from the real expansion) whose members' run folders are written by hand.
+
+    ``runs`` maps a member name to ``(evals, status)``; members left out stay pending.
+    """
+    base = {"steps": 3000, "eval_every": EVERY, "optimizer": "adam", "batch_size": 32, "train_size": 32_000, **(base or {})}
+    sw = create(parse_spec({"name": name, "base": base, "grid": grid}), root, meta=meta)
+    index = {}
+    for n in sw.names:
+        if n in runs:
+            evals, status = runs[n]
+            write_run(sw.member_dir(n), sw.configs[n], evals, status=status)
+            index[n] = {"state": status}
+    sw.update_index(index)
+    return sw.path
+
+
+def member(model: str, T: int, seed: int, evals, *, state: str = "completed", steps: int = 3000, **cfg) -> Member:
+    config = {"model": model, "seq_len": T, "seed": seed, "steps": steps, "optimizer": "adam", "lr": 1e-3,
+              "clip_norm": 1.0, "batch_size": 32, "task": "adding", "train_size": 32_000, **cfg}
+    summary = {"primary_metric": "test_mse", "baseline_test_mse": BASELINE, "total_steps": steps, "seq_len": T,
+               "final_test_mse": evals[-1][1] if evals else None, "status": state}
+    return Member(name=f"{model}-{T}__s{seed}", path=Path("/nonexistent"), config=config, state=state,
+                  summary=summary, evals=list(evals))
+
+
+def cells(spec: dict[tuple[str, int], list], **cfg) -> list[SettingStats]:
+    """``{(model, T): [solve_at or None per seed]}`` -> one chosen setting per cell."""
+    ms = [member(m, T, i, curve(at, cfg.get("steps", 3000)), **cfg) for (m, T), ats in spec.items()
+          for i, at in enumerate(ats)]
+    return best_settings(settings(ms))
+
+
+# -- arithmetic -----------------------------------------------------------------------------------------
+def test_steps_to_threshold_and_mean_std():
+    assert steps_to_threshold([(100, 0.2), (200, 0.009), (300, 0.001)], 0.01) == 200
+    assert steps_to_threshold([(100, 0.2), (200, 0.01)], 0.01) is None  # strictly below
+    assert steps_to_threshold([(100, float("nan")), (200, 0.005)], 0.01) == 200
+    assert steps_to_threshold([(100, 0.5), (200, 0.99)], 0.98, higher_is_better=True) == 200
+    m, s = mean_std([1000, 1500, 2000])
+    assert m == 1500 and s == pytest.approx(500)  # sample std (ddof=1)
+    assert mean_std([7.0]) == (7.0, 0.0) and mean_std([]) == (None, None)
+    assert mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_aggregation_of_fake_runs(tmp_path):
+    g = {"model": ["irnn", "rnn-tanh"], "seq_len": [150], "seed": [0, 1, 2]}
+    runs = {
+        "irnn-150__adam__lr0.001__s0": (curve(1000, 3000, end=0.004), "completed"),
+        "irnn-150__adam__lr0.001__s1": (curve(1500, 3000, end=0.002), "completed"),
+        "irnn-150__adam__lr0.001__s2": (curve(2000, 3000, end=0.003), "completed"),
+        "rnn-tanh-150__adam__lr0.001__s0": (curve(None, 3000), "completed"),
+        "rnn-tanh-150__adam__lr0.001__s1": (curve(None, 3000, plateau=0.18), "completed"),
+        "rnn-tanh-150__adam__lr0.001__s2": (curve(1500, 3000, end=0.005)[:5], "diverged"),
+    }
+    path = fake_sweep(tmp_path, runs, grid=g)
+    table = settings_table(collect(path))
+    irnn, tanh = table.stats
+    assert (irnn.model, tanh.model) == ("irnn", "rnn-tanh")
+    assert irnn.solved_steps == [1000, 1500, 2000] and irnn.steps == (1500, pytest.approx(500))
+    assert irnn.final[0] == pytest.approx(0.003) and irnn.final[1] == pytest.approx(0.001)
+    assert irnn.steps_text() == "1,500 ± 500 (3/3 seeds)"
+    assert tanh.n_solved == 0 and tanh.steps_text() == "not solved within 3,000 steps (0 of 3 seeds)"
+    assert tanh.states == {"completed": 2, "diverged": 1}
+    assert tanh.final[0] == pytest.approx((0.17 + 0.18 + 0.17) / 3)  # the diverged seed's last value counts
+    md = table.markdown()
+    assert "| 150 | IRNN | adam, lr 0.001, clip 1, batch 32, init 1 | 3 | 1,500 ± 500 (3/3 seeds) | 0.003 ± 0.001 |" in md
+    assert "3 (1 diverged)" in md
+    rows = list(csv.DictReader(io.StringIO(table.csv())))
+    assert rows[0]["steps_to_threshold_mean"] == "1500.0" and float(rows[0]["steps_to_threshold_std"]) == pytest.approx(500)
+    assert rows[1]["steps_to_threshold_mean"] == "" and rows[1]["solved"] == "0" and rows[1]["diverged"] == "1"
+    # one seed of three solved
+    part = settings([member("irnn", 150, i, curve(at, 3000)) for i, at in enumerate([None, 2500, None])])[0]
+    assert part.steps_text() == "2,500 (1 of 3 seeds solved within 3,000)"
+
+
+def test_best_setting_is_lowest_mean_final_and_skips_diverged():
+    ms = []
+    for i in range(3):
+        ms.append(member("irnn", 150, i, curve(1000, 3000, end=0.004), lr=1e-3))
+        ms.append(member("irnn", 150, i, curve(2000, 3000, end=0.002), lr=1e-4))
+        # lowest final of all, but one seed diverged: not eligible
+        ms.append(member("irnn", 150, i, curve(500, 3000, end=0.0001), lr=1e-2, state="diverged" if i == 1 else "completed"))
+    chosen = best_settings(settings(ms))
+    assert len(chosen) == 1 and chosen[0].hparams["lr"] == 1e-4
+
+
+# -- figures -------------------------------------------------------------------------------------------
+def test_figures_are_valid_images(tmp_path):
+    g = {"model": ["irnn", "lstm", "rnn-relu"], "seq_len": [150, 200], "seed": [0, 1]}
+    runs = {}
+    for T, at in ((150, 1000), (200, 1750)):
+        for s in (0, 1):
+            runs[f"irnn-{T}__adam__lr0.001__s{s}"] = (curve(at + 250 * s, 3000), "completed")
+            runs[f"lstm-{T}__adam__lr0.001__s{s}"] = (curve(at + 500, 3000), "completed")
+            runs[f"rnn-relu-{T}__adam__lr0.001__s{s}"] = (curve(None, 3000), "completed")
+    path = fake_sweep(tmp_path, runs, grid=g)
+    figs = make_figures(collect(path), tmp_path / "figs")
+    assert len(figs) == 3
+    for png in figs.values():
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+        svg = png.with_suffix(".svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg and len(svg) > 10_000
+
+
+# -- verdicts ------------------------------------------------------------------------------------------
+def _by_key(vs):
+    return {v.key: v for v in vs}
+
+
+ALL = (150, 200, 300, 400)
+
+
+def test_verdict_models_solve():
+    ok = {("irnn", T): [1000, 1250, None] for T in ALL} | {("lstm", T): [2000, 2500, 2750] for T in ALL}
+    v = _by_key(verdicts(cells(ok), full_budget=True))
+    assert v["irnn_solves"].verdict == REPRODUCED and v["lstm_solves"].verdict == REPRODUCED
+    assert "2/3 seeds solved" in v["irnn_solves"].details[0]
+
+    # the LSTM fails at 400: not reproduced with the full budget, inconclusive with a reduced one
+    bad = {**ok, ("lstm", 400): [None, None, 2500]}
+    assert _by_key(verdicts(cells(bad), full_budget=True))["lstm_solves"].verdict == NOT_REPRODUCED
+    assert _by_key(verdicts(cells(bad), full_budget=False))["lstm_solves"].verdict == INCONCLUSIVE
+    # a length not run: inconclusive even if the others are solved
+    short = {k: x for k, x in ok.items() if k[1] != 300}
+    v = _by_key(verdicts(cells(short), full_budget=True))
+    assert v["irnn_solves"].verdict == INCONCLUSIVE and "not run: T = 300" in v["irnn_solves"].summary
+
+
+def test_verdict_baselines_stay_near_baseline():
+    near = {(m, T): [None, None, None] for m in ("rnn-tanh", "rnn-relu") for T in ALL}
+    assert _by_key(verdicts(cells(near), full_budget=True))["baselines_fail"].verdict == REPRODUCED
+    assert _by_key(verdicts(cells(near), full_budget=False))["baselines_fail"].verdict == INCONCLUSIVE
+    learned = {**near, ("rnn-relu", 150): [1000, None, 1500]}
+    v = _by_key(verdicts(cells(learned), full_budget=False))["baselines_fail"]
+    assert v.verdict == NOT_REPRODUCED and "rnn-relu T=150" in v.summary
+    # clearly below the baseline without reaching 0.01 also counts against the claim
+    half = [member("rnn-tanh", T, i, curve(500, 3000, end=0.05)) for T in ALL for i in range(3)]
+    half += [member("rnn-relu", T, i, curve(None, 3000)) for T in ALL for i in range(3)]
+    assert _by_key(verdicts(best_settings(settings(half)), full_budget=True))["baselines_fail"].verdict == NOT_REPRODUCED
+
+
+@pytest.mark.parametrize("at150, at400, expected", [
+    ([1000, 1250, 1500], [4000, 4500, 5000], REPRODUCED),
+    ([4000, 4500, 5000], [1000, 1250, 1500], NOT_REPRODUCED),
+    ([1000, 2000, 3000], [1500, 2500, 2750], INCONCLUSIVE),  # difference 250 < seed std 1000
+    ([1000, 1250, 1500], [None, None, None], REPRODUCED),  # T=400 not solved within the budget
+    ([None, None, None], [1000, 1250, 1500], NOT_REPRODUCED),
+    ([None, None, None], [None, None, None], INCONCLUSIVE),
+])
+def test_verdict_steps_grow(at150, at400, expected):
+    c = cells({("irnn", 150): at150, ("irnn", 400): at400}, steps=6000)
+    v = _by_key(verdicts(c, full_budget=False))["steps_grow"]
+    assert v.verdict == expected, v.summary
+    one = _by_key(verdicts(cells({("irnn", 150): at150}), full_budget=False))["steps_grow"]
+    assert one.verdict == INCONCLUSIVE
+
+
+@pytest.mark.parametrize("at150, at200, optimizer, expected", [
+    ([3000, 3250, 3500], [2000, 2250, 2500], "adam", REPRODUCED),
+    ([2000, 2250, 2500], [3000, 3250, 3500], "adam", NOT_REPRODUCED),
+    ([3000, 3250, 3500], [2750, 3250, 3500], "adam", INCONCLUSIVE),  # within the seed spread
+    ([3000, 3250, 3500], [2000, 2250, 2500], "sgd", INCONCLUSIVE),  # the claim is about Adam
+    ([None, None, None], [2000, 2250, 2500], "adam", REPRODUCED),
+])
+def test_verdict_irnn_200_faster_with_adam(at150, at200, optimizer, expected):
+    c = cells({("irnn", 150): at150, ("irnn", 200): at200}, steps=6000, optimizer=optimizer)
+    v = _by_key(verdicts(c, full_budget=False))["adam_200_faster"]
+    assert v.verdict == expected, v.summary
+    assert _by_key(verdicts(cells({("irnn", 150): at150}), full_budget=False))["adam_200_faster"].verdict == INCONCLUSIVE
+
+
+# -- the report and `irnn plot` -------------------------------------------------------------------------
+def test_report_and_plot_of_a_study(tmp_path, capsys):
+    from irnn.cli import main
+
+    spec, meta = study_spec("seed", "quick", name="study")
+    g = {"model": ["irnn", "rnn-tanh", "rnn-relu", "lstm"], "seq_len": [150], "seed": [0, 1, 2]}
+    runs = {}
+    for s in range(3):
+        runs[f"irnn-150__adam__lr0.001__s{s}"] = (curve(1000 + 500 * s, 3000), "completed")
+        runs[f"lstm-150__adam__lr0.001__s{s}"] = (curve(None, 3000, plateau=0.12), "completed")
+        runs[f"rnn-tanh-150__adam__lr0.001__s{s}"] = (curve(None, 3000), "completed")
+    runs["rnn-relu-150__adam__lr0.001__s0"] = (curve(None, 3000), "failed")  # the other two stay pending
+    path = fake_sweep(tmp_path, runs, grid=g, meta=meta, name="study")
+    report = write_report(path, wall_time_s=126.0)
+    text = report.read_text()
+    for claim in ("solves the adding problem at T = 150, 200, 300 and 400", "LSTM solves them too",
+                  "stay near the baseline", "grow with the sequence length", "irnn-200 converged slightly faster"):
+        assert claim in text
+    assert text.count(f"**{INCONCLUSIVE}**") >= 4 and "*Rule.*" in text
+    assert "T=150: solved — 1,500 ± 500 steps (3/3 seeds solved)" in text
+    assert "sequence lengths 150 only" in text and "2.1 min" in text
+    assert "1 failed" in text and "2 pending" in text
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (path / link).is_file() and (path / link).stat().st_size > 10_000
+    assert (path / "results.csv").is_file() and (path / "members.csv").read_text().count("\n") == 13
+
+    # `irnn plot` on the sweep rewrites the report; on one run it draws that run's figures
+    assert main(["plot", str(path)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    run = path / "members" / "irnn-150__adam__lr0.001__s0"
+    assert main(["plot", str(run), "--out", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "fig_loss_per_epoch.png", "fig_loss_per_epoch.svg", "fig_overfit_check.png", "fig_overfit_check.svg"]
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("irnn: error:") for line in err)
+
+
+def test_study_specs():
+    spec, meta = study_spec("paper", "full")
+    from irnn.experiments import expand
+
+    members = expand(spec)
+    assert len(members) == 4 * 3 * (9 + 9 + 9 + 9 * 4)  # lengths x seeds x (lr x clip [x forget bias])
+    assert {c.seq_len for c in members.values()} == set(ALL) and {c.optimizer for c in members.values()} == {"sgd"}
+    assert {c.forget_bias for c in members.values() if c.model == "lstm"} == {1.0, 4.0, 10.0, 20.0}
+    assert meta["full_budget"] and not meta["reductions"]
+    spec, meta = study_spec("seed", "quick")
+    members = expand(spec)
+    assert len(members) == 12 and not meta["full_budget"] and meta["reductions"]
+    with pytest.raises(ConfigError):
+        study_spec("seed", "medium")
+    with pytest.raises(ConfigError):
+        study_spec("seed", "quick", lengths=[1])
