@@ -242,7 +242,9 @@ def render_report(*, title: str, meta: dict[str, Any], verdict_list: Sequence[Ve
                  + (f", device {provenance.get('device')}" if provenance.get("device") else "") + ".")
     lines.append("")
     if wall_time_s is not None:
-        lines.append(f"Wall time of the last `irnn reproduce` invocation: **{wall_time_s / 60:.1f} min**"
+        runs = int(meta.get("invocations") or 1)
+        lines.append(f"Wall time: **{wall_time_s / 60:.1f} min**"
+                     + (f" over {runs} invocations of `irnn reproduce` (a resumed study)" if runs > 1 else "")
                      + (f" ({meta['workers']} worker processes)" if meta.get("workers", 1) > 1 else "") + ". "
                      f"Summed training time of all members: {meta.get('train_time_s', 0) / 60:.1f} min.")
         lines.append("")
