@@ -262,7 +262,7 @@ def render_report(*, title: str, meta: dict[str, Any], verdict_list: Sequence[Ve
     lines += ["", "## Verdicts", "", "| claim | source | verdict | the numbers |", "|---|---|---|---|"]
     for v in verdict_list:
         lines.append(f"| {v.claim} | {v.source} | **{v.verdict}** | {v.summary} |")
-    lines += ["", "How each verdict was decided, with the numbers per length:", ""]
+    lines += ["", "How each verdict was decided, with the numbers:", ""]
     for v in verdict_list:
         lines.append(f"### {v.claim} ({v.source}): {v.verdict}")
         lines.append("")
