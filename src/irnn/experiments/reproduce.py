@@ -7,6 +7,9 @@ bias 1, 4, 10, 20) and keeps the best setting per model and length; ``--preset s
 earlier prototype's settings. ``--budget full`` is the real study (meant for a GPU);
 ``--budget quick`` is a measured cut that fits 20 minutes on 2 CPU cores, and says exactly
 what it cut.
+
+:func:`reproduce` and :func:`write_report` also drive the MNIST study (``irnn reproduce mnist``),
+whose spec and verdicts live in :mod:`irnn.experiments.mnist_study`.
 """
 from __future__ import annotations
 

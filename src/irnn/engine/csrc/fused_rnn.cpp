@@ -262,7 +262,9 @@ struct FwdArgs {
 
 template <typename T>
 struct BwdArgs {
-  const T* g; int64_t g_n, g_b, g_t;  // dL/dout [N,B,T,H] strides (last one 1)
+  const T* g; int64_t g_n, g_b, g_t;  // dL/dout [N,B,T,H] strides (last one 1) ...
+  bool g_last;                        // ... or, if set, dL/dh_{T-1} only ([N,B,H]; g_t unused): a model
+                                      // that reads only the last state gets no all-zero [N,B,T,H] gradient
   const T* h;                         // out [N,B,T,H], contiguous
   T* dz;                              // [N,B,T,H] result: dL/dz_t
   const T* wp;                        // [N,H,HP]: W_hh, zero-padded columns
@@ -352,16 +354,17 @@ IRNN_INLINE void backward_rows_impl(const BwdArgs<T>& a, int64_t n, int64_t r0, 
   T* e = ws.prod;  // [R, HP]: dz_{t+1} W_hh for this step's rows
   for (int64_t t = a.T_ - 1; t >= 0; --t) {
     const int64_t row0 = (n * a.B + r0) * a.T_ + t;
-    const T* g = a.g + n * a.g_n + r0 * a.g_b + t * a.g_t;
+    const bool last = t == a.T_ - 1;
+    const bool has_g = last || !a.g_last;  // whether dL/dout_t may be nonzero
+    const T* g = a.g + n * a.g_n + r0 * a.g_b + (a.g_last ? 0 : t * a.g_t);
     const T* h = a.h + row0 * H;
     T* dz = a.dz + row0 * H;
     if (t > 0) {
       prefetch_rows(h - H, R, TH, H, /*write=*/false);
-      prefetch_rows(g - a.g_t, R, a.g_b, H, /*write=*/false);
+      if (!a.g_last) prefetch_rows(g - a.g_t, R, a.g_b, H, /*write=*/false);
       prefetch_rows(dz - H, R, TH, H, /*write=*/true);
     }
     // dL/dh_t = dL/dout_t + dz_{t+1} W_hh; nothing flows in from beyond the last step.
-    const bool last = t == a.T_ - 1;
     if (!last) gemm_rows<T, VB, RBMAX, CBMAX>(dz + H, TH, H, wp, HP, e, R, ws.idx.data(), ws.blocks.data(),
                                               ws.flags.data());
     for (int64_t r = 0; r < R; ++r) {
@@ -371,8 +374,7 @@ IRNN_INLINE void backward_rows_impl(const BwdArgs<T>& a, int64_t n, int64_t r0, 
       T* dr = dz + r * TH;
       int64_t j = 0;
       for (; j + S::L <= H; j += S::L) {
-        vec dh = S::load(gr + j);
-        if (!last) dh = S::load(er + j) + dh;
+        const vec dh = last ? S::load(gr + j) : has_g ? S::load(er + j) + S::load(gr + j) : S::load(er + j);
         const vec hv = S::load(hr + j);
         const vec d = a.relu ? S::relu_grad(dh, hv) : dh * (S::splat(T(1)) - hv * hv);
         S::store(dr + j, d);
@@ -387,7 +389,7 @@ IRNN_INLINE void backward_rows_impl(const BwdArgs<T>& a, int64_t n, int64_t r0, 
         }
       }
       for (; j < H; ++j) {
-        const T dh = last ? gr[j] : er[j] + gr[j];
+        const T dh = last ? gr[j] : has_g ? er[j] + gr[j] : er[j];
         const T d = relu_grad_s(dh, hr[j]);
         dr[j] = a.relu ? d : tanh_grad_s(dh, hr[j]);
         if (dz_bits) {
@@ -559,24 +561,30 @@ int64_t vector_bytes(Isa isa) { return isa == kAvx512 ? 64 : isa == kAvx2 ? 32 :
 // Worker threads get the caller's flush-to-zero / denormals-are-zero bits, so torch.set_flush_denormal
 // applies to them too.
 template <typename F>
-void for_rows(int64_t N, int64_t B, int64_t chunks, const F& body) {
-  const int64_t per = (B + chunks - 1) / chunks;
-  const int64_t items = N * chunks;
+void parallel_ftz(int64_t begin, int64_t end, int64_t grain, const F& body) {
 #if IRNN_X86
   const unsigned csr = _mm_getcsr() & 0x8040u;  // FTZ | DAZ
 #endif
-  at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) {
 #if IRNN_X86
     const unsigned saved = _mm_getcsr();
     _mm_setcsr((saved & ~0x8040u) | csr);
 #endif
+    body(lo, hi);
+#if IRNN_X86
+    _mm_setcsr(saved);
+#endif
+  });
+}
+
+template <typename F>
+void for_rows(int64_t N, int64_t B, int64_t chunks, const F& body) {
+  const int64_t per = (B + chunks - 1) / chunks;
+  parallel_ftz(0, N * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t n = i / chunks, r0 = (i % chunks) * per, r1 = std::min(B, r0 + per);
       if (r0 < r1) body(n, r0, r1, i);
     }
-#if IRNN_X86
-    _mm_setcsr(saved);
-#endif
   });
 }
 
@@ -659,34 +667,38 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dz, const at::Tensor& h, cons
   const at::Tensor dz1 = dz.narrow(1, 1, R), h0 = h.narrow(1, 0, R);  // pairs (i, i - 1)
   if (bits == nullptr || R == 0) return R ? at::bmm(dz1.transpose(1, 2), h0) : at::zeros({N, H, H}, dz.options());
   at::Tensor dw = at::zeros({N, H, H}, dz.options());
-  for (int64_t n = 0; n < N; ++n) {
-    std::vector<int64_t> rows, cols;  // units with a nonzero dz / h
-    for (int64_t k = 0; k < H; ++k) {
-      if (bits[(2 * n) * HP + k] & std::numeric_limits<I>::max()) rows.push_back(k);
-      if (bits[(2 * n + 1) * HP + k] & std::numeric_limits<I>::max()) cols.push_back(k);
+  // Models in parallel (each GEMM then runs on one thread); a single model keeps ATen's threaded GEMM.
+  parallel_ftz(0, N, N > 1 ? 1 : N + 1, [&](int64_t lo, int64_t hi) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the workers
+    for (int64_t n = lo; n < hi; ++n) {
+      std::vector<int64_t> rows, cols;  // units with a nonzero dz / h
+      for (int64_t k = 0; k < H; ++k) {
+        if (bits[(2 * n) * HP + k] & std::numeric_limits<I>::max()) rows.push_back(k);
+        if (bits[(2 * n + 1) * HP + k] & std::numeric_limits<I>::max()) cols.push_back(k);
+      }
+      const int64_t nr = rows.size(), nc = cols.size();
+      if (nr == 0 || nc == 0) continue;
+      at::Tensor dwn = dw.select(0, n);
+      if (nr * nc * 2 > H * H) {  // over half the product: dense
+        at::mm_out(dwn, dz1.select(0, n).t(), h0.select(0, n));
+        continue;
+      }
+      at::Tensor a = workspace(1, {R, nr}, dz.options()), b = workspace(2, {R, nc}, dz.options());
+      const T* dzp = dz1.select(0, n).data_ptr<T>();
+      const T* hp = h0.select(0, n).data_ptr<T>();
+      T* ap = a.data_ptr<T>();
+      T* bp = b.data_ptr<T>();
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t c = 0; c < nr; ++c) ap[r * nr + c] = dzp[r * H + rows[c]];
+        for (int64_t c = 0; c < nc; ++c) bp[r * nc + c] = hp[r * H + cols[c]];
+      }
+      const at::Tensor part = at::mm(a.t(), b);  // [nr, nc]
+      const T* pp = part.data_ptr<T>();
+      T* dp = dwn.data_ptr<T>();
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t c = 0; c < nc; ++c) dp[rows[r] * H + cols[c]] = pp[r * nc + c];
     }
-    const int64_t nr = rows.size(), nc = cols.size();
-    if (nr == 0 || nc == 0) continue;
-    at::Tensor dwn = dw.select(0, n);
-    if (nr * nc * 2 > H * H) {  // over half the product: dense
-      at::mm_out(dwn, dz1.select(0, n).t(), h0.select(0, n));
-      continue;
-    }
-    at::Tensor a = workspace(1, {R, nr}, dz.options()), b = workspace(2, {R, nc}, dz.options());
-    const T* dzp = dz1.select(0, n).data_ptr<T>();
-    const T* hp = h0.select(0, n).data_ptr<T>();
-    T* ap = a.data_ptr<T>();
-    T* bp = b.data_ptr<T>();
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < nr; ++c) ap[r * nr + c] = dzp[r * H + rows[c]];
-      for (int64_t c = 0; c < nc; ++c) bp[r * nc + c] = hp[r * H + cols[c]];
-    }
-    const at::Tensor part = at::mm(a.t(), b);  // [nr, nc]
-    const T* pp = part.data_ptr<T>();
-    T* dp = dwn.data_ptr<T>();
-    for (int64_t r = 0; r < nr; ++r)
-      for (int64_t c = 0; c < nc; ++c) dp[rows[r] * H + cols[c]] = pp[r * nc + c];
-  }
+  });
   return dw;
 }
 
@@ -753,8 +765,9 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
   const std::vector<T> wp = pack<T>(w_hh, /*transpose=*/false, HP);  // [N, H, HP] = W_hh
   const bool compact = N <= kCompactMaxModels;
   std::vector<I_t> bits(compact ? N * chunks * 2 * HP : 0, 0);
-  BwdArgs<T> a{gout.data_ptr<T>(), gout.stride(0), gout.stride(1), gout.stride(2), out.data_ptr<T>(),
-               dz.data_ptr<T>(), wp.data(), B, T_, H, HP, relu, compact ? bits.data() : nullptr};
+  const bool g_last = gout.dim() == 3;  // [N,B,H]: the gradient of the last state only
+  BwdArgs<T> a{gout.data_ptr<T>(), gout.stride(0), gout.stride(1), g_last ? 0 : gout.stride(2), g_last,
+               out.data_ptr<T>(), dz.data_ptr<T>(), wp.data(), B, T_, H, HP, relu, compact ? bits.data() : nullptr};
   auto fn = backward_rows_generic<T>;
   auto ig = input_grads_generic<T>;
 #if IRNN_X86
@@ -775,7 +788,7 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
   {
     const bool small = I <= kIMax;
     std::vector<T> dbp(N * HP), dwp(small && need_w_ih ? N * I * HP : 0);
-    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+    parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n)
         ig(dz.data_ptr<T>() + n * B * T_ * H, xc.data_ptr<T>() + n * B * T_ * I, B * T_, H, HP, I,
            dbp.data() + n * HP, dwp.empty() ? nullptr : dwp.data() + n * I * HP);
@@ -813,10 +826,15 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& gout_, const at::Tensor
                    out = stacked(out_, single);
   const Isa isa = resolve_isa(isa_req);
   TORCH_CHECK(out.dim() == 4 && out.is_contiguous(), "fused_rnn: out must be the forward's contiguous result");
-  TORCH_CHECK(gout_.sizes() == out_.sizes(), "fused_rnn: grad_out must be ", out_.sizes(), ", got ", gout_.sizes());
+  // grad_out: dL/dout, shaped like out, or dL/dh_{T-1} alone (out without its time dimension).
+  const bool g_last = gout_.dim() == out_.dim() - 1;
+  std::vector<int64_t> last_shape = out_.sizes().vec();
+  last_shape.erase(last_shape.end() - 2);
+  TORCH_CHECK(g_last ? gout_.sizes() == at::IntArrayRef(last_shape) : gout_.sizes() == out_.sizes(),
+              "fused_rnn: grad_out must be ", out_.sizes(), " or ", at::IntArrayRef(last_shape), ", got ", gout_.sizes());
   at::Tensor gout = stacked(gout_, single);
   if (gout.scalar_type() != out.scalar_type()) gout = gout.to(out.scalar_type());
-  if (gout.stride(3) != 1) gout = gout.contiguous();  // e.g. the expanded grad of out.sum()
+  if (gout.stride(-1) != 1) gout = gout.contiguous();  // e.g. the expanded grad of out.sum()
   chunks = std::max<int64_t>(1, std::min(chunks, out.size(1)));
   std::vector<at::Tensor> grads;
   if (out.numel() == 0) {
