@@ -168,6 +168,30 @@ def test_stacked_equals_separate(impl, n_models):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("last_only", [False, True])
+def test_stacked_data_inputs_equal_separate(impl, threads, last_only):
+    # Inputs without gradient (data, as in training) and more models than threads: the C++ runs each
+    # model's whole backward in turn (backward_by_model); it must equal training each model alone.
+    n_models, before = 5, torch.get_num_threads()
+    x = torch.rand(n_models, 3, 9, 2, dtype=torch.float64)
+    params = weights(n_models, 12, 2, seed=7, dead=5)
+    torch.set_num_threads(threads)
+    try:
+        out = fused.rnn_layer(x, *params, impl=impl, last_only=last_only)
+        g = torch.randn_like(out)
+        stacked_grads = grads_of(out, params, g)
+        for n in range(n_models):
+            pn = [p[n].detach().requires_grad_() for p in params]
+            out_n = fused.rnn_layer(x[n], *pn, impl=impl, last_only=last_only)
+            torch.testing.assert_close(out[n], out_n, rtol=1e-13, atol=1e-13)
+            for sg, gn in zip(stacked_grads, grads_of(out_n, pn, g[n])):
+                torch.testing.assert_close(sg[n], gn, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_forward(impl):
     x = torch.rand(5, 20, 2)
     params = weights(0, 30, 2, dtype=torch.float32)
