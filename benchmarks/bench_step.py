@@ -127,7 +127,7 @@ def main() -> None:
     for threads in args.threads if device.type == "cpu" else [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         for T in args.seq_len:
-            fns, labels = {}, {}
+            fns = {}
             fns["nn.RNN eager"], _ = make_library_step("torch", "irnn", T, args.batch, device)
             fns["prototype pipeline"] = make_prototype_step(T, args.batch, device)
             fast, resolved = make_library_step("auto", "irnn", T, args.batch, device)
@@ -141,7 +141,6 @@ def main() -> None:
                     break
                 ensembles[f"ensemble N={n} ({resolved})"] = n
                 fns[f"ensemble N={n} ({resolved})"] = make_benchmark_step(n, T, args.batch, device)
-            peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             med = measure(fns, device, args.repeats, args.steps, warmup=3)
             base = med["nn.RNN eager"]
             for name, ms in med.items():

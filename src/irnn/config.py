@@ -258,6 +258,15 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def subset(flag: str, values: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``values`` as a tuple without repeats, if it is a non-empty selection from ``allowed``
+    (e.g. ``--models irnn,lstm``); else a ConfigError naming ``flag``."""
+    values = tuple(dict.fromkeys(values or ()))
+    if not values or any(v not in allowed for v in values):
+        raise ConfigError(f"{flag} takes some of {', '.join(allowed)}, got {','.join(map(str, values)) or 'nothing'}")
+    return values
+
+
 def load_file(path: str) -> dict[str, Any]:
     """Read a TOML or YAML file into a dict, with one-line errors."""
     import os

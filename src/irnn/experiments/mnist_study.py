@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from ..config import ConfigError
+from ..config import ConfigError, subset
 from .aggregate import MODEL_NAMES, SettingStats, panel_title
 from .report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
 from .sweep import ENV_KEYS, SweepSpec
@@ -146,17 +146,9 @@ def study_spec(budget: str = "quick", *, name: Optional[str] = None, seeds: Opti
         b.steps, b.epochs = steps, None
         custom = True
     if models is not None:
-        bad = [m for m in models if m not in MODELS]
-        if bad or not models:
-            raise ConfigError(f"--models takes some of {', '.join(MODELS)}, got {','.join(models) or 'nothing'}")
-        b.models = tuple(dict.fromkeys(models))
-        custom = True
+        b.models, custom = subset("--models", models, MODELS), True
     if tasks is not None:
-        bad = [t for t in tasks if t not in TASKS]
-        if bad or not tasks:
-            raise ConfigError(f"--tasks takes some of {', '.join(TASKS)}, got {','.join(tasks) or 'nothing'}")
-        b.tasks = tuple(dict.fromkeys(tasks))
-        custom = True
+        b.tasks, custom = subset("--tasks", tasks, TASKS), True
     if data_source is not None:
         if data_source not in SOURCES:
             raise ConfigError(f"unknown data source {data_source!r}; choose one of: {', '.join(SOURCES)}")
@@ -186,9 +178,9 @@ def study_spec(budget: str = "quick", *, name: Optional[str] = None, seeds: Opti
     grid = [{"task": list(b.tasks), "model": list(b.models), "seed": list(b.seeds)}]
     f = _full()
     description = [
-        f"Le et al. (2015) section 4.2: each image read one pixel per step (input size 1, pixels scaled to [0, 1]), "
-        f"the class read off the last hidden state by a linear layer, cross-entropy loss; `pmnist` uses one fixed "
-        f"random pixel order (permutation seed 0, its hash stored in every run's config.json).",
+        "Le et al. (2015) section 4.2: each image read one pixel per step (input size 1, pixels scaled to [0, 1]), "
+        "the class read off the last hidden state by a linear layer, cross-entropy loss; `pmnist` uses one fixed "
+        "random pixel order (permutation seed 0, its hash stored in every run's config.json).",
         f"Data: {_SOURCE_TEXT[b.data_source]}.",
         f"Models {', '.join(MODEL_NAMES[m] for m in b.models)}, 100 hidden units, IRNN recurrent matrix = I, "
         f"Gaussian recurrent weights (std 0.001) for the tanh and ReLU RNNs; one setting for all: {b.optimizer} "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import ConfigError
+from ..config import ConfigError, subset
 from .aggregate import Member, best_settings, collect, group_settings, make_table, settings, write_tables
 from .sweep import ENV_KEYS, SweepSpec, create, open_sweep, run_sweep
 
@@ -201,11 +201,10 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
         f"constant-prediction baseline (always predict 1) has MSE 1/6 ≈ 0.167.",
     ]
     if models is not None:
-        if not models or any(m not in MODELS for m in models):
-            raise ConfigError(f"--models takes some of {', '.join(MODELS)}, got {','.join(models) or 'nothing'}")
+        models = subset("--models", models, MODELS)
         grid = [{**t, "model": [m for m in t["model"] if m in models]} for t in grid]
         grid = [t for t in grid if t["model"]]
-        custom.append(f"models {', '.join(dict.fromkeys(models))} (chosen with --models)")
+        custom.append(f"models {', '.join(models)} (chosen with --models)")
     spec = SweepSpec(name=name or f"adding-{preset}-{budget}", base=base, grid=grid,
                      description=f"Le et al. (2015) Figure 2, preset {preset}, budget {budget}")
     meta = {"study": "adding", "preset": preset, "budget": budget, "full_budget": budget == "full" and not custom,
