@@ -80,3 +80,15 @@ def test_help_reads_well():
                  "--seed", "--preset", "--device", "--out", "--name", "--quiet"):
         assert flag in r.stdout
     assert "inject" not in r.stdout  # test-only option stays hidden
+
+
+def test_bad_input_is_answered_without_loading_torch(tmp_path):
+    """`import irnn` and the command line's input checks do not import torch (about 1.5 s)."""
+    code = ("import sys, irnn; from irnn.cli import main\n"
+            "codes = [main(['train', '--lr', 'abc']), main(['reproduce', 'mnist', '--lengths', '150']),\n"
+            "         main(['sweep', '--name', 'x', '--grid', 'lr=a'])]\n"
+            "print(codes, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.stdout.strip() == "[2, 2, 2] False", out.stdout + out.stderr
+    assert not any(tmp_path.iterdir())  # and nothing written
+    assert len(out.stderr.strip().splitlines()) == 3

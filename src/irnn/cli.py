@@ -89,8 +89,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 # -- commands -----------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
-
+    # The trainer (and torch, ~1.5 s) is imported only once the input is known to be good.
     if args.resume:
         if args.config or args.overwrite:
             raise UsageError(f"irnn train: --{'config' if args.config else 'overwrite'} cannot be used with --resume; "
@@ -106,9 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             from .config import _coerce
 
             overrides = {k: _coerce(k, v, types[k]) for k, v in overrides.items()}
+        from .train import train
+
         run = train(resume=args.resume, **overrides)
     else:
         cfg = resolve_config(args)
+        from .train import train
+
         run = train(cfg, overwrite=args.overwrite)
     _print_result(run.path, run.summary)
     return 0 if run.summary["status"] == "completed" else 1
