@@ -165,3 +165,12 @@ def test_a_tiny_mnist_study_end_to_end(tmp_path, capsys):
     assert main(argv) == 0  # resume: nothing left to train, same table
     assert (path / "results.csv").read_text() == before
     assert "2 invocations" in (path / "report.md").read_text()
+
+
+def test_missing_data_stops_the_study_before_any_member(tmp_path, capsys):
+    empty = tmp_path / "mnist"
+    empty.mkdir()
+    assert main(["reproduce", "mnist", "--budget", "full", "--data-dir", str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found in" in err[0] and "--download" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -142,7 +142,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                        else f"irnn reproduce {args.task} --budget {args.budget}")
     _print_verdicts(report)
     print(f"\nreport: {report}  ({time.perf_counter() - t0:.0f} s)")
-    return 0
+    from .aggregate import collect
+
+    states = [m.state for m in collect(report.parent)]
+    unfinished = sum(s not in ("completed", "diverged") for s in states)
+    if unfinished:
+        print(f"irnn: {unfinished} of {len(states)} runs did not finish (see the report's failed members); "
+              f"run the same command again to retry them", file=sys.stderr)
+    return 0 if not unfinished else 1
 
 
 def _print_verdicts(report: Path) -> None:

@@ -348,6 +348,9 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
 
         spec, meta = mnist_study.study_spec(budget, name=name, seeds=seeds, steps=steps, models=models, tasks=tasks,
                                             data_source=data_source, data_dir=data_dir, download=download, env=env)
+        found = mnist_study.check_data(spec)
+        if echo:
+            print(f"data: {found}")
     if workers is not None:
         meta["workers"] = workers
     if command:
