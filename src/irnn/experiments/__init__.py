@@ -3,6 +3,7 @@
     >>> from irnn.experiments import sweep, reproduce
     >>> table = sweep({"seq_len": [50, 100], "seed": [0, 1, 2]}, name="s1", base={"steps": 3000})  # doctest: +SKIP
     >>> report = reproduce("adding", preset="seed", budget="quick")  # doctest: +SKIP
+    >>> report = reproduce("mnist", budget="quick")  # doctest: +SKIP
 
 This room imports the trainer, the run store and the config; nothing below imports it.
 """

@@ -234,7 +234,7 @@ def add_commands(sub: Any, add_config_options: Callable[..., None]) -> None:
         description="Reproduce a study of Le et al. (2015) and write OUT/NAME/report.md with figures, tables and a "
                     "verdict per claim. adding: Figure 2 (T = 150/200/300/400; IRNN, tanh RNN, ReLU RNN, LSTM; 3 "
                     "seeds). mnist: Figure 3 (pixel-by-pixel and permuted MNIST, 784 steps; the same models; 3 "
-                    "seeds; the paper's 97%% / 82%%). --budget quick is cut to fit about 20 minutes on 2 CPU cores "
+                    "seeds; the paper's 97% / 82%). --budget quick is cut to fit about 20 minutes on 2 CPU cores "
                     "and says what it cut; full is the real study, meant for a GPU. Re-running resumes.")
     p.add_argument("task", choices=("adding", "mnist"), help="the study: adding or mnist")
     p.add_argument("--preset", choices=("seed", "paper"), default=None,
