@@ -141,6 +141,10 @@ def main() -> None:
                     break
                 ensembles[f"ensemble N={n} ({resolved})"] = n
                 fns[f"ensemble N={n} ({resolved})"] = make_benchmark_step(n, T, args.batch, device)
+                # the same n models, seeds and data, one step each in turn: what the ensemble must beat
+                ensembles[f"{n} models one after another ({resolved})"] = n
+                fns[f"{n} models one after another ({resolved})"] = make_benchmark_step(n, T, args.batch, device,
+                                                                                        sequential=True)
             med = measure(fns, device, args.repeats, args.steps, warmup=3)
             base = med["nn.RNN eager"]
             for name, ms in med.items():
@@ -155,6 +159,13 @@ def main() -> None:
     mem = (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda"
            else f"process peak RSS {peak / 1024:.0f} MiB")
     print(f"\n{mem}; medians of {args.repeats} interleaved repeats of {args.steps} steps, batch {args.batch}, hidden 100.")
+    by_key = {(name.split(" (")[0], T, th): ms for name, T, th, ms, *_ in rows}
+    for n in args.ensemble:
+        for (name, T, th), ms in by_key.items():
+            alone = by_key.get((f"{n} models one after another", T, th))
+            if name == f"ensemble N={n}" and alone:
+                print(f"ensemble N={n}, T={T}, {th} thread(s): {alone / ms:.2f}x the throughput of the same {n} models "
+                      f"trained one after another")
 
 
 if __name__ == "__main__":

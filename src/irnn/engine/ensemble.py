@@ -100,8 +100,12 @@ class StackedStep:
         return losses.detach(), norms
 
 
-def make_benchmark_step(n: int, seq_len: int, batch: int, device: torch.device):
-    """A callable doing one stacked step of n IRNNs (for ``benchmarks/bench_step.py``)."""
+def make_benchmark_step(n: int, seq_len: int, batch: int, device: torch.device, *, sequential: bool = False):
+    """A callable doing one stacked step of n IRNNs (for ``benchmarks/bench_step.py``).
+
+    With ``sequential``, the same n models (same seeds, optimisers and data) take one step each, one
+    after another, with the default engine: the baseline an ensemble is meant to beat.
+    """
     from ..tasks import make_adding
 
     models, opts = [], []
@@ -111,8 +115,21 @@ def make_benchmark_step(n: int, seq_len: int, batch: int, device: torch.device):
         models.append(m)
         opts.append(torch.optim.Adam(m.parameters(), lr=1e-4, fused=device.type == "cpu" or None))
     task = make_adding(seq_len, train_size=batch * 64, test_size=16, seed=0, device=device)
-    step = StackedStep(task.loss_fn)
     counter = [0]
+    if sequential:
+        from . import make_train_step, resolve_engine
+
+        example = task.batch(0, batch, 0)
+        steps = [make_train_step(m, resolve_engine("auto", m, device), task.loss_fn, o, 1.0, example)
+                 for m, o in zip(models, opts)]
+
+        def run_one_by_one():
+            for k, one in enumerate(steps):
+                one(*task.batch(counter[0] + k, batch, 0))
+            counter[0] += 1
+
+        return run_one_by_one
+    step = StackedStep(task.loss_fn)
 
     def run():
         xs, ys = zip(*(task.batch(counter[0] + k, batch, 0) for k in range(n)))
