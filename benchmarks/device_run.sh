@@ -3,11 +3,7 @@
 # library's training step against nn.RNN eager on CUDA (bench_step.py), and end-to-end training on
 # CUDA: one run (CUDA-graph engine) and a 4-member ensemble (Triton engine) against the same runs alone.
 set -u
-cd "$(dirname "$0")/.."
-OUT="${OUT:-devout}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/device_env.sh"
 
 bash benchmarks/gpu_check.sh
 

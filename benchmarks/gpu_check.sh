@@ -6,11 +6,7 @@
 #
 # Files: env.txt, gpu_bench.log, gpu_bench.md (the tables), gpu_bench.json, pytest.log.
 set -u
-cd "$(dirname "$0")/.."
-OUT="${OUT:-devout}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/device_env.sh"
 
 {
   date -u

@@ -434,6 +434,15 @@ def best_settings(stats: Sequence[SettingStats]) -> list[SettingStats]:
             sorted(cells.items(), key=lambda kv: (_task_order(kv[0][0]), kv[0][1], _model_order(kv[0][2])))]
 
 
+def find_cell(cells: Sequence[SettingStats], model: str, *, task: Optional[str] = None,
+              seq_len: Optional[int] = None) -> Optional[SettingStats]:
+    """The chosen setting of ``model`` (for ``task`` and/or ``seq_len`` when given), or None if not run."""
+    for c in cells:
+        if c.model == model and task in (None, c.task) and seq_len in (None, c.seq_len):
+            return c
+    return None
+
+
 # -- tables -------------------------------------------------------------------------------------------
 def _pm(mean: Optional[float], std: Optional[float], n: int) -> str:
     if mean is None:

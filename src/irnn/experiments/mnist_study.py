@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, subset
-from .aggregate import MODEL_NAMES, SettingStats, panel_title
+from .aggregate import MODEL_NAMES, SettingStats, find_cell, panel_title
 from .report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
 from .sweep import ENV_KEYS, SweepSpec
 
@@ -242,13 +242,6 @@ REFERENCES = {"mnist": [("irnn", PAPER_ACC["mnist", "irnn"]), ("rnn-tanh", PAPER
               "pmnist": [("irnn", PAPER_ACC["pmnist", "irnn"])]}
 
 
-def _cell(cells: Sequence[SettingStats], task: str, model: str) -> Optional[SettingStats]:
-    for c in cells:
-        if c.task == task and c.model == model:
-            return c
-    return None
-
-
 def _acc_text(c: SettingStats) -> str:
     fm, fs = c.final
     if fm is None:
@@ -266,7 +259,7 @@ def _long(c: SettingStats) -> bool:
 def verdict_accuracy(cells: Sequence[SettingStats], task: str, *, full_budget: bool, data_source: str) -> Verdict:
     key = f"irnn_{task}"
     target = PAPER_ACC[task, "irnn"]
-    c = _cell(cells, task, "irnn")
+    c = find_cell(cells, "irnn", task=task)
     claim = CLAIMS[key]
     if c is None:
         return Verdict(key, claim, "paper", INCONCLUSIVE, f"{task} with the IRNN was not run",
@@ -294,7 +287,7 @@ def verdict_accuracy(cells: Sequence[SettingStats], task: str, *, full_budget: b
 
 def verdict_beats_tanh(cells: Sequence[SettingStats], task: str) -> Verdict:
     key = f"irnn_beats_tanh_{task}"
-    a, t = _cell(cells, task, "irnn"), _cell(cells, task, "rnn-tanh")
+    a, t = find_cell(cells, "irnn", task=task), find_cell(cells, "rnn-tanh", task=task)
     if a is None or t is None:
         missing = " and ".join(name for name, c in (("the IRNN", a), ("the tanh RNN", t)) if c is None)
         return Verdict(key, CLAIMS[key], "paper", INCONCLUSIVE, f"{task}: {missing} not run",

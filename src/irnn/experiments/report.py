@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from .aggregate import MODEL_NAMES, SettingStats
+from .aggregate import MODEL_NAMES, SettingStats, find_cell
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive at this budget"
 PAPER_LENGTHS = (150, 200, 300, 400)
@@ -66,13 +66,6 @@ class Verdict:
         return self.rule_text or RULES[self.key]
 
 
-def _cell(cells: Sequence[SettingStats], T: int, model: str) -> Optional[SettingStats]:
-    for c in cells:
-        if c.seq_len == T and c.model == model:
-            return c
-    return None
-
-
 def _unfinished(c: SettingStats) -> int:
     return sum(1 for m in c.members if m.state in ("pending", "running"))
 
@@ -109,7 +102,7 @@ def verdict_solves(cells: Sequence[SettingStats], model: str, *, full_budget: bo
     claim, source = CLAIMS[key] if model in ("irnn", "lstm") else (f"{model} solves the adding problem", "paper")
     details, status = [], {}
     for T in lengths:
-        c = _cell(cells, T, model)
+        c = find_cell(cells, model, seq_len=T)
         if c is None:
             status[T] = "not run"
             details.append(f"T={T}: not run in this study")
@@ -143,7 +136,7 @@ def verdict_baselines(cells: Sequence[SettingStats], *, full_budget: bool,
     details, near, far, missing = [], [], [], []
     for model in ("rnn-tanh", "rnn-relu"):
         for T in lengths:
-            c = _cell(cells, T, model)
+            c = find_cell(cells, model, seq_len=T)
             name = MODEL_NAMES[model]
             if c is None or not c.finished:
                 missing.append((model, T))
@@ -204,7 +197,7 @@ def verdict_steps_grow(cells: Sequence[SettingStats], model: str = "irnn") -> Ve
 
 def verdict_200_faster(cells: Sequence[SettingStats], model: str = "irnn") -> Verdict:
     claim, source = CLAIMS["adam_200_faster"]
-    a, b = _cell(cells, 150, model), _cell(cells, 200, model)
+    a, b = find_cell(cells, model, seq_len=150), find_cell(cells, model, seq_len=200)
     if a is None or b is None:
         return Verdict("adam_200_faster", claim, source, INCONCLUSIVE,
                        f"needs irnn-150 and irnn-200; not run: {', '.join(f'T={T}' for T, c in ((150, a), (200, b)) if c is None)}")

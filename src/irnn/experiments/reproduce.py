@@ -87,6 +87,10 @@ def budget_for(preset: str, budget: str) -> Budget:
     return _quick(preset) if budget == "quick" else _full(preset)
 
 
+def _values(xs: Sequence[float]) -> str:
+    return ", ".join(f"{x:g}" for x in xs)
+
+
 def reductions(preset: str, b: Budget) -> list[str]:
     """What a budget cuts compared with ``full``, in words (printed and written to the report)."""
     f = _full(preset)
@@ -115,13 +119,10 @@ def reductions(preset: str, b: Budget) -> list[str]:
                    f"{f.irnn_init_scale:g} x I: at 0.01 x I none of 6 measured runs at T=150 reached MSE < 0.01 within "
                    f"16,000 steps")
     if preset == "paper":
-        if b.lrs != f.lrs:
-            out.append(f"SGD learning rates {', '.join(f'{x:g}' for x in b.lrs)} (full: {', '.join(f'{x:g}' for x in f.lrs)})")
-        if b.clips != f.clips:
-            out.append(f"gradient clipping {', '.join(f'{x:g}' for x in b.clips)} (full: {', '.join(f'{x:g}' for x in f.clips)})")
-        if b.forget_biases != f.forget_biases:
-            out.append(f"LSTM forget-gate bias {', '.join(f'{x:g}' for x in b.forget_biases)} "
-                       f"(full: {', '.join(f'{x:g}' for x in f.forget_biases)})")
+        for what, key in (("SGD learning rates", "lrs"), ("gradient clipping", "clips"),
+                          ("LSTM forget-gate bias", "forget_biases")):
+            if getattr(b, key) != getattr(f, key):
+                out.append(f"{what} {_values(getattr(b, key))} (full: {_values(getattr(f, key))})")
         if b.steps < 20_000:
             out.append("so this budget exercises the search but cannot test the claims: plain SGD needs far more "
                        "steps (on an H200 none of 12 IRNN runs at T=150 with lr 0.01 or 0.03 and clipping 1 or 10 "

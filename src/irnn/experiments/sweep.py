@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from ..config import Config, ConfigError, from_dict, load_file
-from ..runs.store import atomic_write_json, model_label, read_json
+from ..runs.store import atomic_write_json, model_label, read_json, writable_dir
 
 SPEC_FILE, INDEX_FILE, INDEX_LOCK, SPEC_LOCK = "sweep.json", "index.json", "index.lock", "sweep.lock"
 MEMBERS_DIR, LOCKS_DIR = "members", "locks"
@@ -391,14 +391,7 @@ def create(spec: SweepSpec, out: str | os.PathLike = "runs", *, overwrite: bool 
     ``env`` (``ENV_KEYS`` only) applies to members this process starts, not to the stored spec.
     """
     members = expand(spec)
-    root = Path(out)
-    path = root / spec.name
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create sweep folder {str(path)!r}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"sweep folder {str(path)!r} is not writable; choose another --out")
+    path = writable_dir(Path(out) / spec.name, "sweep folder")
     configs = {n: c.to_dict() for n, c in members.items()}
     record = {"format": 1, "name": spec.name, "spec": spec.to_dict(), "meta": meta or {},
               "members": configs, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

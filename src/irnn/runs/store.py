@@ -119,6 +119,18 @@ def model_label(cfg: Config) -> str:
     return f"{cfg.model}-{cfg.seq_len}" if cfg.task == "adding" else f"{cfg.model}-{cfg.task}"
 
 
+def writable_dir(path: str | Path, what: str) -> Path:
+    """``path``, created if need be; a ConfigError naming ``what`` when it cannot be made or written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {what} {str(path)!r}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {str(path)!r} is not writable; choose another with --out")
+    return path
+
+
 @dataclass
 class RunDir:
     """One run's folder and its files."""
@@ -147,13 +159,7 @@ class RunDir:
     @classmethod
     def create(cls, root: str | Path, name: str, *, overwrite: bool = False) -> "RunDir":
         """Make a fresh run folder; refuses an existing one unless ``overwrite``."""
-        root = Path(root)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create runs folder {str(root)!r}: {e.strerror}") from None
-        if not os.access(root, os.W_OK):
-            raise ConfigError(f"runs folder {str(root)!r} is not writable; choose another with --out")
+        root = writable_dir(root, "runs folder")
         path = root / name
         replaced = None
         if path.exists() or path.is_symlink():

@@ -16,6 +16,7 @@ import torch
 from ..config import Config
 from ..engine.ensemble import StackedStep, stackable
 from ..models import RNN_KINDS
+from ..tasks import sequence_length
 from .loop import Interrupted, Run, Trainer, open_trainer, train
 
 MAX_ENSEMBLE = 16
@@ -31,11 +32,7 @@ def stack_limit(cfg: Config) -> int:
     when their hidden states would pass ``STACK_BYTES``."""
     if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
         return MAX_ENSEMBLE
-    if cfg.task == "adding":
-        steps = cfg.seq_len
-    else:  # pixel MNIST: 28 x 28 images, or 8 x 8 for the digits
-        steps = 64 if cfg.data_source == "digits" else 784
-    per_model = cfg.batch_size * steps * cfg.hidden_size * cfg.num_layers * 4  # float32 states
+    per_model = cfg.batch_size * sequence_length(cfg) * cfg.hidden_size * cfg.num_layers * 4  # float32 states
     return max(1, min(MAX_ENSEMBLE, STACK_BYTES // per_model))
 
 

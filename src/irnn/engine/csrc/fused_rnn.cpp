@@ -759,6 +759,24 @@ at::Tensor fused_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at
   return single ? out.squeeze(0) : out;
 }
 
+// db [N, H] and, if dwp holds them, dW_ih [N, H, I] (else empty) from input_grads' zero-padded
+// per-model sums: dbp [N, HP] and dwp [N, I, HP].
+template <typename T>
+std::pair<at::Tensor, at::Tensor> unpack_input_grads(const std::vector<T>& dbp, const std::vector<T>& dwp, int64_t N,
+                                                     int64_t H, int64_t I, int64_t HP, const at::TensorOptions& opt) {
+  at::Tensor db = at::empty({N, H}, opt), dw_ih = at::empty({0}, opt);
+  T* dbo = db.data_ptr<T>();
+  for (int64_t n = 0; n < N; ++n) std::copy_n(dbp.data() + n * HP, H, dbo + n * H);
+  if (!dwp.empty()) {
+    dw_ih = at::empty({N, H, I}, opt);
+    T* o = dw_ih.data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < H; ++j)
+        for (int64_t i = 0; i < I; ++i) o[(n * H + j) * I + i] = dwp[(n * I + i) * HP + j];
+  }
+  return {db, dw_ih};
+}
+
 // The backward of a stack of models, one model at a time from its time loop to its dW_hh, while that
 // model's dz and states are still in cache (phase by phase over all models, a 16-model step at T=150
 // streams ~45 MB through memory and took 1.6x as long per model as a single model's backward).
@@ -773,7 +791,7 @@ std::vector<at::Tensor> backward_by_model(const BwdArgs<T>& a, Fn fn, Ig ig, con
   const at::Tensor dz = at::from_blob(a.dz, {N, B * T_, H}, opt), h = out.view({N, B * T_, H});
   const int64_t R = B * T_ - 1;
   const at::Tensor dz1 = dz.narrow(1, 1, R), h0 = h.narrow(1, 0, R);
-  at::Tensor dw_hh = at::zeros({N, H, H}, opt), db = at::empty({N, H}, opt);
+  at::Tensor dw_hh = at::zeros({N, H, H}, opt);
   std::vector<T> dbp(N * HP), dwp(need_w_ih ? N * I * HP : 0);
   parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
     at::NoGradGuard no_grad;
@@ -786,16 +804,7 @@ std::vector<at::Tensor> backward_by_model(const BwdArgs<T>& a, Fn fn, Ig ig, con
       if (R > 0) recurrent_weight_grad_model<T>(n, dz1, h0, bits, HP, dw_hh);
     }
   });
-  T* dbo = db.data_ptr<T>();
-  for (int64_t n = 0; n < N; ++n) std::copy_n(dbp.data() + n * HP, H, dbo + n * H);
-  at::Tensor dw_ih = at::empty({0}, opt);
-  if (need_w_ih) {
-    dw_ih = at::empty({N, H, I}, opt);
-    T* o = dw_ih.data_ptr<T>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < H; ++j)
-        for (int64_t i = 0; i < I; ++i) o[(n * H + j) * I + i] = dwp[(n * I + i) * HP + j];
-  }
+  auto [db, dw_ih] = unpack_input_grads<T>(dbp, dwp, N, H, I, HP, opt);
   return {at::empty({0}, opt), dw_ih, dw_hh, db};
 }
 
@@ -832,27 +841,16 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
 
   const at::Tensor dzf = dz.view({N, B * T_, H});  // rows (b, t), batch-major like x and out
   const at::Tensor xc = x.contiguous();
-  at::Tensor db = at::empty({N, H}, opt), dw_ih = at::empty({0}, opt), dx = at::empty({0}, opt);
-  {
-    const bool small = I <= kIMax;
-    std::vector<T> dbp(N * HP), dwp(small && need_w_ih ? N * I * HP : 0);
-    parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t n = lo; n < hi; ++n)
-        ig(dz.data_ptr<T>() + n * B * T_ * H, xc.data_ptr<T>() + n * B * T_ * I, B * T_, H, HP, I,
-           dbp.data() + n * HP, dwp.empty() ? nullptr : dwp.data() + n * I * HP);
-    });
-    T* dbo = db.data_ptr<T>();
-    for (int64_t n = 0; n < N; ++n) std::copy_n(dbp.data() + n * HP, H, dbo + n * H);
-    if (need_w_ih && small) {
-      dw_ih = at::empty({N, H, I}, opt);
-      T* o = dw_ih.data_ptr<T>();
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < H; ++j)
-          for (int64_t i = 0; i < I; ++i) o[(n * H + j) * I + i] = dwp[(n * I + i) * HP + j];
-    } else if (need_w_ih) {
-      dw_ih = at::bmm(dzf.transpose(1, 2), xc.view({N, B * T_, I}));
-    }
-  }
+  at::Tensor dx = at::empty({0}, opt);
+  const bool small = I <= kIMax;
+  std::vector<T> dbp(N * HP), dwp(small && need_w_ih ? N * I * HP : 0);
+  parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n)
+      ig(dz.data_ptr<T>() + n * B * T_ * H, xc.data_ptr<T>() + n * B * T_ * I, B * T_, H, HP, I,
+         dbp.data() + n * HP, dwp.empty() ? nullptr : dwp.data() + n * I * HP);
+  });
+  auto [db, dw_ih] = unpack_input_grads<T>(dbp, dwp, N, H, I, HP, opt);
+  if (need_w_ih && !small) dw_ih = at::bmm(dzf.transpose(1, 2), xc.view({N, B * T_, I}));
   if (need_x) dx = at::bmm(dzf, w_ih).view({N, B, T_, I});
   // dW_hh as ONE GEMM over all flat rows: row i of dz pairs with row i - 1 of out, which is (b, t-1)
   // except at t = 0, where it is the previous sequence's last state; zeroing dz's t = 0 rows (dz is
