@@ -1,8 +1,8 @@
 """Training-step throughput of irnn's engines against nn.RNN eager and the prototype's pipeline.
 
 Prints one Markdown table: median ms per training step (forward, backward, clip,
-optimiser), samples/s, model-steps/s, peak memory, and the ratio against
-``nn.RNN`` eager measured in the same process. Engines are interleaved over
+optimiser), samples/s, model-steps/s, the peak memory of each engine, and the
+ratio against ``nn.RNN`` eager measured in the same process. Engines are interleaved over
 repeats so that a noisy shared machine affects all of them alike.
 
     python benchmarks/bench_step.py                  # CPU, T=150 and 400, 1 and 2 threads
@@ -11,15 +11,19 @@ repeats so that a noisy shared machine affects all of them alike.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import platform
-import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 from irnn.config import Config
 from irnn.engine import make_train_step, resolve_engine
+from irnn.engine.ensemble import make_benchmark_step
 from irnn.models import build_model
 from irnn.tasks import make_adding
 from irnn.train.optim import make_optimizer
@@ -86,7 +90,7 @@ def make_prototype_step(seq_len: int, batch: int, device: torch.device):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        float(loss)  # Lightning logs the loss every step: a host sync
+        loss.item()  # Lightning logs the loss every step: a host sync
 
     return run
 
@@ -108,6 +112,57 @@ def measure(fns: dict, device, repeats: int, steps: int, warmup: int) -> dict[st
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def engine_builders(seq_len: int, batch: int, device: torch.device, ensembles: list[int]) -> dict:
+    """``{row name: (build, models per step)}``; ``build()`` returns the callable doing one step."""
+    resolved = resolve_engine("auto", build_model(Config(model="irnn"), 2, 1), device)
+    rows = {
+        "nn.RNN eager": (lambda: make_library_step("torch", "irnn", seq_len, batch, device)[0], 1),
+        "prototype pipeline": (lambda: make_prototype_step(seq_len, batch, device), 1),
+        f"irnn default ({resolved})": (lambda: make_library_step("auto", "irnn", seq_len, batch, device)[0], 1),
+        "nn.LSTM eager": (lambda: make_library_step("torch", "lstm", seq_len, batch, device)[0], 1),
+    }
+    for n in ensembles:
+        rows[f"ensemble N={n} ({resolved})"] = (lambda n=n: make_benchmark_step(n, seq_len, batch, device), n)
+        if device.type == "cuda" and n > 16:
+            continue  # one CUDA graph per model: hundreds of captures would take minutes
+        # the same n models, seeds and data, one step each in turn: what the ensemble must beat
+        rows[f"{n} models one after another ({resolved})"] = (
+            lambda n=n: make_benchmark_step(n, seq_len, batch, device, sequential=True), n)
+    return rows
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def build_with_peak(build, device: torch.device, steps: int = 3):
+    """``(step, peak MiB)``: builds an engine, runs ``steps`` training steps, and measures the most memory
+    that added: CUDA bytes allocated on a GPU; on a Linux CPU resident memory (the peak, VmHWM, reset
+    first through /proc/self/clear_refs; freed heap is handed back first so it cannot hide new pages).
+    The peak is None where neither counter exists."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident set size to the current one
+            base = _proc_kib("VmRSS")
+        except (OSError, AttributeError, StopIteration):
+            base = None
+    step = build()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        return step, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return step, None if base is None else max(0, _proc_kib("VmHWM") - base) / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -116,10 +171,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--ensemble", type=int, nargs="*", default=[16], help="ensemble sizes to time (if available)")
+    ap.add_argument("--ensemble", type=int, nargs="*", default=[16], help="ensemble sizes to time")
+    ap.add_argument("--peak-of", metavar="ROW", help=argparse.SUPPRESS)  # child: print one row's peak memory
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
+    if args.peak_of:
+        torch.set_num_threads(args.threads[0])
+        # First the same row at T=2: libraries, thread pools and kernels load once per process, not per engine.
+        warm = engine_builders(2, args.batch, device, args.ensemble)[args.peak_of][0]()
+        for _ in range(2):
+            warm()
+        del warm
+        build, _ = engine_builders(args.seq_len[0], args.batch, device, args.ensemble)[args.peak_of]
+        print(build_with_peak(build, device)[1])
+        return
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available, "
           f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -127,40 +193,30 @@ def main() -> None:
     for threads in args.threads if device.type == "cpu" else [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         for T in args.seq_len:
-            fns = {}
-            fns["nn.RNN eager"], _ = make_library_step("torch", "irnn", T, args.batch, device)
-            fns["prototype pipeline"] = make_prototype_step(T, args.batch, device)
-            fast, resolved = make_library_step("auto", "irnn", T, args.batch, device)
-            fns[f"irnn default ({resolved})"] = fast
-            fns["nn.LSTM eager"], _ = make_library_step("torch", "lstm", T, args.batch, device)
-            ensembles = {}
-            for n in args.ensemble:
-                try:
-                    from irnn.engine.ensemble import make_benchmark_step
-                except ImportError:
-                    break
-                ensembles[f"ensemble N={n} ({resolved})"] = n
-                fns[f"ensemble N={n} ({resolved})"] = make_benchmark_step(n, T, args.batch, device)
-                if device.type == "cuda" and n > 16:
-                    continue  # one CUDA graph per model: hundreds of captures would take minutes
-                # the same n models, seeds and data, one step each in turn: what the ensemble must beat
-                ensembles[f"{n} models one after another ({resolved})"] = n
-                fns[f"{n} models one after another ({resolved})"] = make_benchmark_step(n, T, args.batch, device,
-                                                                                        sequential=True)
+            builders = engine_builders(T, args.batch, device, args.ensemble)
+            fns, peaks = {}, {}
+            for name, (build, _) in builders.items():
+                if device.type == "cuda":  # memory counters that reset: measured here, with the warm-up
+                    fns[name], peaks[name] = build_with_peak(build, device)
+                else:  # resident memory is only clean in a fresh process: one per row, after the timing
+                    fns[name] = build()
             med = measure(fns, device, args.repeats, args.steps, warmup=3)
+            del fns
             base = med["nn.RNN eager"]
             for name, ms in med.items():
-                n = ensembles.get(name, 1)
-                rows.append((name, T, threads, ms, args.batch * n * 1000 / ms, n * 1000 / ms, base / ms * n))
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                n = builders[name][1]
+                peak = peaks[name] if device.type == "cuda" else _child_peak(name, T, threads, args)
+                rows.append((name, T, threads, ms, args.batch * n * 1000 / ms, n * 1000 / ms, peak, base / ms * n))
     print()
-    print("| engine | T | threads | ms/step | samples/s | model-steps/s | speed-up vs nn.RNN eager (per model) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, T, th, ms, sps, msps, ratio in rows:
-        print(f"| {name} | {T} | {th} | {ms:.2f} | {sps:,.0f} | {msps:,.0f} | {ratio:.2f}x |")
-    mem = (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda"
-           else f"process peak RSS {peak / 1024:.0f} MiB")
-    print(f"\n{mem}; medians of {args.repeats} interleaved repeats of {args.steps} steps, batch {args.batch}, hidden 100.")
+    memory = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"| engine | T | threads | ms/step | samples/s | model-steps/s | {memory} | speed-up vs nn.RNN eager (per model) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, T, th, ms, sps, msps, peak, ratio in rows:
+        mib = "n/a" if peak is None else f"{peak:.1f}"
+        print(f"| {name} | {T} | {th} | {ms:.2f} | {sps:,.0f} | {msps:,.0f} | {mib} | {ratio:.2f}x |")
+    print(f"\nmedians of {args.repeats} interleaved repeats of {args.steps} steps, batch {args.batch}, hidden 100; "
+          f"{memory}: the most memory building the engine and 3 training steps added"
+          + ("" if device.type == "cuda" else ", each row in a fresh process") + ".")
     by_key = {(name.split(" (")[0], T, th): ms for name, T, th, ms, *_ in rows}
     for n in args.ensemble:
         for (name, T, th), ms in by_key.items():
@@ -168,6 +224,16 @@ def main() -> None:
             if name == f"ensemble N={n}" and alone:
                 print(f"ensemble N={n}, T={T}, {th} thread(s): {alone / ms:.2f}x the throughput of the same {n} models "
                       f"trained one after another")
+
+
+def _child_peak(name: str, seq_len: int, threads: int, args) -> float | None:
+    cmd = [sys.executable, __file__, "--peak-of", name, "--seq-len", str(seq_len), "--threads", str(threads),
+           "--batch", str(args.batch), "--device", args.device, "--ensemble", *map(str, args.ensemble)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {name!r} failed: {out.stderr.strip()[-500:]}")
+    value = out.stdout.strip().splitlines()[-1]
+    return None if value == "None" else float(value)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,24 @@
 """The benchmark script runs end to end (tiny sizes) and prints its table and the ensemble ratio."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+HAS_PROC = Path("/proc/self/clear_refs").exists()
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_step_prints_every_engine_and_the_ensemble_baseline():
@@ -19,7 +31,19 @@ def test_bench_step_prints_every_engine_and_the_ensemble_baseline():
     assert names[:4] == ["nn.RNN eager", "prototype pipeline", names[2], "nn.LSTM eager"]
     assert names[2].startswith("irnn default (") and any(n.startswith("ensemble N=2 (") for n in names)
     assert any(n.startswith("2 models one after another (") for n in names)
-    for r in rows:  # ms/step and the ratio are positive numbers
+    for r in rows:  # ms/step and the ratio are positive numbers; each row has its own peak memory
         cells = [c.strip() for c in r.strip("|").split("|")]
-        assert float(cells[3]) > 0 and float(cells[6].rstrip("x")) > 0
+        assert float(cells[3]) > 0 and float(cells[7].rstrip("x")) > 0
+        assert cells[6] == "n/a" if not HAS_PROC else float(cells[6]) >= 0
     assert re.search(r"ensemble N=2, T=12, 1 thread\(s\): [0-9.]+x the throughput of the same 2 models", out.stdout)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="resident-memory peaks need Linux /proc")
+def test_peak_memory_sees_what_a_step_allocates_and_not_what_came_before():
+    bench = load_bench()
+    held = torch.ones(32 * 2**20 // 4)  # 32 MiB resident before the measurement: not the engine's
+    step, peak = bench.build_with_peak(lambda: lambda: torch.ones(64 * 2**20 // 4).sum(), torch.device("cpu"))
+    assert 60 <= peak < 90, peak  # one 64 MiB tensor alive at a time, freed after each step
+    _, small = bench.build_with_peak(lambda: lambda: torch.ones(1000).sum(), torch.device("cpu"))
+    assert small < 8, small
+    del held
