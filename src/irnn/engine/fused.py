@@ -4,8 +4,9 @@
 100 one time step is only ~3 us of arithmetic. The C++ engine (``csrc/fused_rnn.cpp``) runs the
 whole time loop, forward and backward, in plain C++ with a register-blocked kernel per step and the
 bias, input projection and nonlinearity fused in; ReLU zeros are skipped exactly (IRNNs on the
-adding problem soon have ~90% of their units at zero); the weight gradients are one GEMM over all
-steps afterwards. Same inputs give bitwise the same results on a given machine.
+adding problem soon have ~90% of their units at zero); ``dW_hh`` is summed step by step inside the
+backward loop (``IRNN_FUSED_DW=gemm``: one GEMM over all steps afterwards instead). Same inputs and
+thread count give bitwise the same results on a given machine.
 
 It is built on first use with ``torch.utils.cpp_extension.load`` (about a minute; cached in torch's
 extension directory). If the build fails it warns once and, like with ``IRNN_NO_EXTENSION=1``,
@@ -87,6 +88,15 @@ def _isa() -> int:
     return _ISA[name]
 
 
+def _gemm_dw() -> bool:
+    """``IRNN_FUSED_DW`` = auto (default: dW_hh summed inside the backward time loop where it can be) or
+    gemm (always one GEMM over all steps after the loop), for tests and benchmarks."""
+    name = os.environ.get("IRNN_FUSED_DW", "auto").lower()
+    if name not in ("auto", "gemm"):
+        raise ValueError(f"IRNN_FUSED_DW={name!r} is not one of auto, gemm")
+    return name == "gemm"
+
+
 # A slice of the batch must carry at least this many multiply-adds of recurrence (rows x T x H x H, about
 # 20 us) to be worth a thread of its own.
 _MIN_SLICE_WORK = 2_000_000
@@ -96,7 +106,8 @@ def _chunks(x: torch.Tensor, w_hh: torch.Tensor) -> int:
     """How many slices of the batch rows each model's time loop is split into, at most one per thread.
 
     Rows are independent through time, so the slices run without any synchronisation inside the loop,
-    and the result is the same for any split. Follows ``torch.get_num_threads()``; no slice is under 4
+    and the hidden states are the same for any split (``dW_hh`` adds up per-slice sums, so its last bits
+    may differ between splits). Follows ``torch.get_num_threads()``; no slice is under 4
     rows (the kernel's register blocking) or under ``_MIN_SLICE_WORK``.
     """
     threads = torch.get_num_threads()
@@ -126,7 +137,7 @@ class _CppRNN(torch.autograd.Function):
         x, w_ih, w_hh, out = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw_ih, dw_hh, db = _ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], _chunks(x, w_hh),
-                                             _isa())
+                                             _isa(), _gemm_dw())
         return (dx if need[0] else None, dw_ih if need[1] else None, dw_hh if need[2] else None,
                 db if need[3] else None, db.clone() if need[4] else None, None, None)
 
