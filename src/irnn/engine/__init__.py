@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models import RNN_KINDS, RecurrentModel
+from . import update
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -63,11 +64,11 @@ class TrainStep:
         self.optimizer, self.clip_norm = optimizer, clip_norm
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)
+        update.zero_grad(self.optimizer)
         loss = self.loss_fn(self.forward(x), y)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        self.optimizer.step()
+        grad_norm = update.clip_grad_norm(self.params, self.clip_norm)
+        update.adam_steps([self.optimizer])  # optimizer.step(), minus its Python overhead where it can
         return loss.detach(), grad_norm
 
     def set_lr(self, lr: float) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..models import RNN_KINDS, RecurrentModel
+from . import update
 
 
 def stackable(models: list[RecurrentModel]) -> bool:
@@ -95,8 +96,7 @@ class StackedStep:
         losses = torch.stack([self.loss_fn(pred[k], y[k]) for k in range(len(models))])
         losses.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
         norms = clip_per_member(params, clip_norms)
-        for opt in optimizers:
-            opt.step()
+        update.adam_steps(optimizers)  # members with equal Adam hyperparameters in one kernel call
         return losses.detach(), norms
 
 
