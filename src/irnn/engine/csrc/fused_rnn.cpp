@@ -115,28 +115,30 @@ IRNN_INLINE void prefetch_rows(const T* p, int64_t R, int64_t ld, int64_t H, boo
     }
 }
 
-// C[r*ldc + j0 + c*L ...] = sum_k A[r*lda + k] * M[k*ldm + j0 + c*L ...] for r < RB, c < CB, over the
-// k in idx[0..nk). RB x CB vector accumulators stay in registers; each k loads CB vectors of M and
-// broadcasts RB scalars of A.
-template <typename T, int VB, int RB, int CB>
-IRNN_INLINE void tile(const T* A, int64_t lda, const int32_t* idx, int64_t nk, const T* M, int64_t ldm, T* C,
-                      int64_t ldc, int64_t j0) {
+// The micro-kernel: for r < RB and c < CB,
+//   C_r[c*L ...] = (Accumulate ? C_r[c*L ...] : 0) + sum_k A_r[k * ks] * M[k*ldm + c*L ...]
+// over the k in idx[0..nk) (Indexed) or 0..nk-1, in that order. A_r, C_r: row r's pointers (A at k = 0, C
+// and M at the tile's first column). RB x CB vector accumulators stay in registers; each k loads CB
+// vectors of M and broadcasts RB scalars of A.
+template <typename T, int VB, int RB, int CB, bool Indexed, bool Accumulate>
+IRNN_INLINE void tile(const T* const* A, int64_t ks, const int32_t* idx, int64_t nk, const T* M, int64_t ldm,
+                      T* const* C) {
   using S = Simd<T, VB>;
   using vec = typename S::vec;
   vec acc[RB][CB];
 #pragma GCC unroll 16
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 16
-    for (int c = 0; c < CB; ++c) acc[r][c] = S::zero();
+    for (int c = 0; c < CB; ++c) acc[r][c] = Accumulate ? S::load(C[r] + c * S::L) : S::zero();
   for (int64_t i = 0; i < nk; ++i) {
-    const int64_t k = idx[i];
-    const T* m = M + k * ldm + j0;
+    const int64_t k = Indexed ? idx[i] : i;
+    const T* m = M + k * ldm;
     vec w[CB];
 #pragma GCC unroll 16
     for (int c = 0; c < CB; ++c) w[c] = S::load(m + c * S::L);
 #pragma GCC unroll 16
     for (int r = 0; r < RB; ++r) {
-      const vec a = S::splat(A[r * lda + k]);
+      const vec a = S::splat(A[r][k * ks]);
 #pragma GCC unroll 16
       for (int c = 0; c < CB; ++c) acc[r][c] += a * w[c];
     }
@@ -144,39 +146,28 @@ IRNN_INLINE void tile(const T* A, int64_t lda, const int32_t* idx, int64_t nk, c
 #pragma GCC unroll 16
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 16
-    for (int c = 0; c < CB; ++c) S::store(C + r * ldc + j0 + c * S::L, acc[r][c]);
+    for (int c = 0; c < CB; ++c) S::store(C[r] + c * S::L, acc[r][c]);
 }
 
-// C[u*ldc + j0 + c*L ...] += sum_k A[k*lda + u] * M[k*ldm + j0 + c*L ...] for the RB units u = units[r] and
-// c < CB, k < nk: a rank-nk update of RB scattered rows of C (dW_hh += dz_t^T h_{t-1}, k over batch rows).
-// The rows' accumulators are loaded, updated over k in order and stored back, so each element of C is
-// summed in the same order whatever the blocking.
+// C[r*ldc + j0 ...] = sum_{k in idx} A[r*lda + k] * M[k*ldm + j0 ...]: RB contiguous rows, the k listed.
+template <typename T, int VB, int RB, int CB>
+IRNN_INLINE void gemm_tile(const T* A, int64_t lda, const int32_t* idx, int64_t nk, const T* M, int64_t ldm, T* C,
+                           int64_t ldc, int64_t j0) {
+  const T* a[RB];
+  T* c[RB];
+  for (int r = 0; r < RB; ++r) a[r] = A + r * lda, c[r] = C + r * ldc + j0;
+  tile<T, VB, RB, CB, true, false>(a, 1, idx, nk, M + j0, ldm, c);
+}
+
+// C[u*ldc + j0 ...] += sum_{k < nk} A[k*lda + u] * M[k*ldm + j0 ...] for the RB units u = units[r]: a rank-nk
+// update of RB scattered rows of C (dW_hh += dz_t^T h_{t-1}, k over batch rows).
 template <typename T, int VB, int RB, int CB>
 IRNN_INLINE void rank_update(const T* A, int64_t lda, const int32_t* units, int64_t nk, const T* M, int64_t ldm,
                              T* C, int64_t ldc, int64_t j0) {
-  using S = Simd<T, VB>;
-  using vec = typename S::vec;
-  vec acc[RB][CB];
-#pragma GCC unroll 16
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < CB; ++c) acc[r][c] = S::load(C + units[r] * ldc + j0 + c * S::L);
-  for (int64_t k = 0; k < nk; ++k) {
-    const T* m = M + k * ldm + j0;
-    vec w[CB];
-#pragma GCC unroll 16
-    for (int c = 0; c < CB; ++c) w[c] = S::load(m + c * S::L);
-#pragma GCC unroll 16
-    for (int r = 0; r < RB; ++r) {
-      const vec a = S::splat(A[k * lda + units[r]]);
-#pragma GCC unroll 16
-      for (int c = 0; c < CB; ++c) acc[r][c] += a * w[c];
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < CB; ++c) S::store(C + units[r] * ldc + j0 + c * S::L, acc[r][c]);
+  const T* a[RB];
+  T* c[RB];
+  for (int r = 0; r < RB; ++r) a[r] = A + units[r], c[r] = C + units[r] * ldc + j0;
+  tile<T, VB, RB, CB, false, true>(a, lda, nullptr, nk, M + j0, ldm, c);
 }
 
 // rank_update over all nu units, RBMAX at a time and then 4, 2, 1, for the CB vectors from j0.
@@ -279,10 +270,10 @@ IRNN_INLINE void col_block(const T* A, int64_t lda, const RowBlock* blocks, int6
     const RowBlock& blk = blocks[b];
     const T* a = A + blk.r * lda;
     T* c = C + blk.r * ldm;
-    if (blk.size == RBMAX) tile<T, VB, RBMAX, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
-    if constexpr (RBMAX > 4) if (blk.size == 4) tile<T, VB, 4, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
-    if constexpr (RBMAX > 2) if (blk.size == 2) tile<T, VB, 2, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
-    if constexpr (RBMAX > 1) if (blk.size == 1) tile<T, VB, 1, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
+    if (blk.size == RBMAX) gemm_tile<T, VB, RBMAX, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
+    if constexpr (RBMAX > 4) if (blk.size == 4) gemm_tile<T, VB, 4, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
+    if constexpr (RBMAX > 2) if (blk.size == 2) gemm_tile<T, VB, 2, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
+    if constexpr (RBMAX > 1) if (blk.size == 1) gemm_tile<T, VB, 1, CB>(a, lda, blk.idx, blk.nk, M, ldm, c, ldm, j0);
   }
 }
 
