@@ -100,7 +100,7 @@ class Config:
 # problem on 2 CPU cores within minutes.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(task="adding", model="irnn", seq_len=100, optimizer="adam", lr=1e-3, clip_norm=1.0,
-                  batch_size=32, steps=12_000, train_size=100_000, test_size=2_000, eval_every=500,
+                  batch_size=32, steps=20_000, train_size=100_000, test_size=2_000, eval_every=500,
                   init_scale=1.0),
     # Le et al. 2015, section 4.1: SGD, lr 0.01, clip 1, batch 16, W_hh = I, 100k / 10k sequences.
     "paper": dict(optimizer="sgd", lr=0.01, clip_norm=1.0, batch_size=16, init_scale=1.0,
