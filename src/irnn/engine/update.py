@@ -23,14 +23,19 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or any(g.device != grads[0].device or g.dtype != grads[0].dtype or g.is_sparse for g in grads):
         return nn.utils.clip_grad_norm_(params, max_norm)
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
+    with torch.no_grad():  # as clip_grad_norm_: no graph even after backward(create_graph=True)
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
     return total
 
 
 def _lean_adam_group(optimizer: torch.optim.Optimizer) -> dict | None:
     """The single param group of a plain fused Adam whose state exists, or None (then use ``step()``)."""
     if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return None
+    # a step() replaced on the instance (an LR scheduler's wrapper, a user's) or AMP's grad scaling: use step()
+    if "step" in vars(optimizer) or getattr(optimizer, "grad_scale", None) is not None \
+            or getattr(optimizer, "found_inf", None) is not None:
         return None
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return None
@@ -44,8 +49,8 @@ def _lean_adam_group(optimizer: torch.optim.Optimizer) -> dict | None:
             or any(isinstance(b, torch.Tensor) for b in group["betas"])):
         return None
     params = group["params"]
-    if any(p.grad is None or p.grad.is_sparse or p.is_complex() or p not in optimizer.state or p.device.type != "cpu"
-           for p in params):
+    if any(p.grad is None or p.grad.is_sparse or p.is_complex() or "exp_avg" not in optimizer.state.get(p, ())
+           or p.device.type != "cpu" for p in params):
         return None  # the first step initialises the state; params without grads are skipped by step()
     return group
 
@@ -79,5 +84,3 @@ def adam_steps(optimizers: list[torch.optim.Optimizer]) -> None:
             torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=beta1,
                                beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None,
                                found_inf=None)
-        for opt, _ in members:
-            opt._opt_called = True  # what Optimizer.step records (LR schedulers check it)

@@ -20,8 +20,8 @@
 // The kernel is compiled three times (AVX-512, AVX2+FMA, baseline x86-64/other) through target
 // attributes and picked at run time, so one build runs on any x86-64 and no -march=native is
 // needed. Each output element is summed in the same order whatever the blocking or the thread
-// count, so results are bitwise reproducible on a given machine (dW_hh and db, sums over all rows, for a
-// given thread count). No -ffast-math.
+// count, so results are bitwise reproducible on a given machine (dW_hh, which adds up per-thread partial
+// sums, for a given thread count). No -ffast-math.
 //
 // Layouts (N = stacked models), all batch first like x:
 //   x [N,B,T,I], w_ih [N,H,I], w_hh [N,H,H], b_* [N,H]; out, dz [N,B,T,H] contiguous.
@@ -906,13 +906,14 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
   at::Tensor dz = workspace(0, {N, B, T_, H}, opt);
   const std::vector<T> wp = pack<T>(w_hh, /*transpose=*/false, HP);  // [N, H, HP] = W_hh
   const bool in_loop = !gemm_dw && HP - H <= H && size_t(N * chunks * H * HP) * sizeof(T) <= kInLoopDwBytes;
-  std::vector<T> partials(in_loop ? N * chunks * H * HP : 0, T(0));
+  at::Tensor partials;  // slot 1 is otherwise only the GEMM path's scratch
+  if (in_loop) partials = workspace(1, {N * chunks * H * HP}, opt).zero_();
   const bool compact = !in_loop && N <= kCompactMaxModels;
   std::vector<I_t> bits(compact ? N * chunks * 2 * HP : 0, 0);
   const bool g_last = gout.dim() == 3;  // [N,B,H]: the gradient of the last state only
   BwdArgs<T> a{gout.data_ptr<T>(), gout.stride(0), gout.stride(1), g_last ? 0 : gout.stride(2), g_last,
                out.data_ptr<T>(), dz.data_ptr<T>(), wp.data(), B, T_, H, HP, relu, compact ? bits.data() : nullptr,
-               in_loop ? partials.data() : nullptr};
+               in_loop ? partials.data_ptr<T>() : nullptr};
   auto fn = backward_rows_generic<T>;
   auto ig = input_grads_generic<T>;
 #if IRNN_X86
@@ -942,7 +943,7 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
   auto [db, dw_ih] = unpack_input_grads<T>(dbp, dwp, N, H, I, HP, opt);
   if (need_w_ih && !small) dw_ih = at::bmm(dzf.transpose(1, 2), xc.view({N, B * T_, I}));
   if (need_x) dx = at::bmm(dzf, w_ih).view({N, B, T_, I});
-  if (in_loop) return {dx, dw_ih, sum_partials<T>(partials.data(), N, chunks, H, HP, opt), db};
+  if (in_loop) return {dx, dw_ih, sum_partials<T>(partials.data_ptr<T>(), N, chunks, H, HP, opt), db};
   // Otherwise dW_hh as ONE GEMM over all flat rows: row i of dz pairs with row i - 1 of out, which is (b, t-1)
   // except at t = 0, where it is the previous sequence's last state; zeroing dz's t = 0 rows (dz is
   // scratch, and db, dw_ih, dx are done) makes those pairs add exact zeros.
