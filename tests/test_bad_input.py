@@ -26,15 +26,6 @@ from irnn.config import Config, ConfigError, field_types, from_dict, load_file, 
 NAMES = [f.name for f in fields(Config)]
 
 
-@pytest.fixture(autouse=True)
-def _subnormal_floats():
-    """A Trainer built in this process (here or by an earlier test) turns on flush-to-zero, for
-    fast ReLU-RNN gradients; hypothesis refuses to generate floats under it."""
-    torch.set_flush_denormal(False)
-    yield
-    torch.set_flush_denormal(False)
-
-
 # -- property tests ----------------------------------------------------------------------------------
 _scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.sampled_from([10**400, -(10**400), 2**63, 2**64, -(2**63)]),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from irnn.engine import TrainStep, make_forward
+from irnn.engine import TrainStep, fused, make_forward
 from irnn.engine.ensemble import StackedStep, clip_per_member, stackable
 from irnn.models import RecurrentModel
 from irnn.tasks import make_adding
@@ -107,22 +107,25 @@ def test_train_many_stacks_members_into_ordinary_runs_with_per_member_guard(tmp_
 
 
 def test_cpu_stacks_stay_within_the_cache_budget():
-    """Measured: 16 stacked IRNNs at T=400 run at 0.72-0.75x of training them one after another on the
-    2-core CPU, 6 of them at about 1x; so long sequences are split into smaller stacks."""
+    """Measured on the 2-core CPU: stacks of members with over 1 MiB of hidden states each ran at
+    0.79-1.0x of training them one after another (T=400: 0.79-0.90x on one thread), members under it
+    at 1.0-1.37x; so those train alone."""
     from irnn.config import from_dict
     from irnn.train.ensemble import MAX_ENSEMBLE, plan, stack_limit
 
     def cfg(**kw):
         return from_dict({"device": "cpu", "batch_size": 16, "hidden_size": 100, **kw})
 
-    assert stack_limit(cfg(seq_len=150)) == MAX_ENSEMBLE == 16
-    assert stack_limit(cfg(seq_len=400)) == 6
+    assert stack_limit(cfg(seq_len=150)) == MAX_ENSEMBLE == 16  # 0.92 MiB a member
+    assert stack_limit(cfg(seq_len=200)) == 1  # 1.22 MiB
+    assert stack_limit(cfg(seq_len=400)) == 1
+    assert stack_limit(cfg(seq_len=150, num_layers=2)) == 1  # 1.83 MiB over both layers
     assert stack_limit(cfg(task="mnist", batch_size=32, data_source="sample5k")) == 1
-    assert stack_limit(cfg(task="mnist", batch_size=64, data_source="digits")) == 10
-    cfgs = [cfg(seq_len=400, seed=s) for s in range(14)] + [cfg(seq_len=150, seed=s) for s in range(3)]
+    assert stack_limit(cfg(task="mnist", batch_size=16, data_source="digits")) == 16
+    cfgs = [cfg(seq_len=400, seed=s) for s in range(4)] + [cfg(seq_len=150, seed=s) for s in range(19)]
     groups = plan(cfgs)
-    if groups[0] == [0]:  # no fused engine here: nothing is stacked
+    if not fused.available():  # no fused engine here: nothing is stacked
         assert all(len(g) == 1 for g in groups)
     else:
-        assert [len(g) for g in groups] == [6, 6, 2, 3] and sorted(i for g in groups for i in g) == list(range(17))
+        assert [len(g) for g in groups] == [1, 1, 1, 1, 16, 3] and sorted(i for g in groups for i in g) == list(range(23))
     assert all(len(g) == 1 for g in plan(cfgs, ensemble=False))

@@ -20,20 +20,26 @@ from ..tasks import sequence_length
 from .loop import Interrupted, Run, Trainer, open_trainer, train
 
 MAX_ENSEMBLE = 16
-# On the CPU a stack pays for memory traffic once its hidden states (and their gradients, as much
-# again) outgrow the cache. Measured on the 2-core CPU (32 MiB L3), against the same models trained
-# one after another: 16 IRNNs at T=150, batch 16 (15 MiB of states): 1.02-1.18x; 16 at T=400
-# (41 MiB): 0.72-0.75x; 6 at T=400 (15 MiB): 0.94-1.08x. So a CPU stack holds at most this much.
-STACK_BYTES = 16 * 2**20
+# On the CPU a stack shares no arithmetic between its models (each has its own W_hh), only per-step
+# overhead, and it pays in cache: every member's forward runs before any backward, so a member's hidden
+# states have left the core's L2 (1 MiB here) by the time its backward reads them, where a model trained
+# alone runs its backward straight after its forward, newest states first. Measured on the 2-core CPU
+# against the same models one after another (2026-11-29, in-loop dW_hh engine; 1 / 2 threads):
+#   per member <= 1 MiB of states: 16 at T=150, B=16: 1.0-1.3x / 1.1-1.3x; 16 at T=50, B=32: 1.11x / 1.37x
+#   1.2 MiB: 8 at T=100, B=32: 0.93x / 1.12x; 8 at T=200, B=16: 1.01x / 1.17x
+#   1.8-2.4 MiB: 4 at T=150, B=32: 0.86x / 1.00x; 2, 3 or 6 at T=400, B=16: 0.79-0.90x / 1.00-1.04x
+# and a 16-model stack at T=400 (39 MiB in all, past the 32 MiB L3): 0.61-0.81x. So a CPU stack only
+# takes members with at most MEMBER_BYTES of hidden states each (16 of them then fit in 16 MiB).
+MEMBER_BYTES = 2**20
 
 
 def stack_limit(cfg: Config) -> int:
-    """How many members like ``cfg`` one stack may hold: ``MAX_ENSEMBLE`` on CUDA, fewer on the CPU
-    when their hidden states would pass ``STACK_BYTES``."""
+    """How many members like ``cfg`` one stack may hold: ``MAX_ENSEMBLE``, except on the CPU when a
+    member's hidden states pass ``MEMBER_BYTES``: then 1 (each trains alone)."""
     if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
         return MAX_ENSEMBLE
     per_model = cfg.batch_size * sequence_length(cfg) * cfg.hidden_size * cfg.num_layers * 4  # float32 states
-    return max(1, min(MAX_ENSEMBLE, STACK_BYTES // per_model))
+    return 1 if per_model > MEMBER_BYTES else MAX_ENSEMBLE
 
 
 def plan(cfgs: list[Config], *, ensemble: bool = True, max_ensemble: int = MAX_ENSEMBLE) -> list[list[int]]:
