@@ -272,3 +272,13 @@ def test_study_specs():
         study_spec("seed", "medium")
     with pytest.raises(ConfigError):
         study_spec("seed", "quick", lengths=[1])
+
+
+def test_verdict_of_a_length_whose_seeds_all_failed_before_a_summary():
+    # every seed of the IRNN at T=400 failed before writing its baseline: the verdict still renders
+    ms = [member(m, T, s, curve(1000, 3000)) for m in ("irnn", "lstm") for T in ALL for s in range(2)
+          if (m, T) != ("irnn", 400)]
+    ms += [Member(name=f"irnn-400__s{s}", path=Path("/nonexistent"), state="failed", summary={"status": "failed"},
+                  config={**member("irnn", 400, s, []).config}) for s in range(2)]
+    v = _by_key(verdicts(best_settings(settings(ms)), full_budget=True))["irnn_solves"]
+    assert v.verdict == NOT_REPRODUCED and any(d.startswith("T=400: not solved") for d in v.details)

@@ -89,6 +89,13 @@ class Config:
             return self.epochs * math.ceil((train_set_size or self.train_size) / self.batch_size)
         return self.steps
 
+    def sequence_length(self) -> int:
+        """The steps of this config's sequences, without loading any data: ``seq_len`` for the adding
+        problem, one per pixel for MNIST (8 x 8 for the digits source, else 28 x 28)."""
+        if self.task == "adding":
+            return self.seq_len
+        return 8 * 8 if self.data_source == "digits" else 28 * 28
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -98,6 +105,11 @@ class Config:
 
 # Named overrides. `quick` is the main job: it must visibly solve a short adding
 # problem on 2 CPU cores within minutes.
+def solved_threshold(primary_metric: str) -> float:
+    """Where a run counts as solved: test MSE below 0.01, or an accuracy above 0.9."""
+    return 0.01 if primary_metric == "test_mse" else 0.9
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(task="adding", model="irnn", seq_len=100, optimizer="adam", lr=1e-3, clip_norm=1.0,
                   batch_size=32, steps=20_000, train_size=100_000, test_size=2_000, eval_every=500,

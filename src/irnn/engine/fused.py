@@ -126,7 +126,8 @@ class _CppRNN(torch.autograd.Function):
     # gradient alone instead of an all-zero [.., B, T, H] one with its last step filled in.
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, relu: bool, last_only: bool = False):
-        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _chunks(x, w_hh), _isa())
+        ctx.chunks = _chunks(x, w_hh)
+        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, ctx.chunks, _isa())
         ctx.save_for_backward(x, w_ih, w_hh, out)
         ctx.relu = relu
         return out.select(-2, -1).clone() if last_only else out
@@ -136,7 +137,7 @@ class _CppRNN(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w_ih, w_hh, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw_ih, dw_hh, db = _ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], _chunks(x, w_hh),
+        dx, dw_ih, dw_hh, db = _ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], ctx.chunks,
                                              _isa(), _gemm_dw())
         return (dx if need[0] else None, dw_ih if need[1] else None, dw_hh if need[2] else None,
                 db if need[3] else None, db.clone() if need[4] else None, None, None)

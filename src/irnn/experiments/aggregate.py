@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from ..config import ConfigError, from_dict, solved_threshold
 from ..runs.store import atomic_write_bytes, iter_metrics, read_json
-from .sweep import ENV_KEYS  # keys that do not change what a run computes
+from .sweep import ENV_KEYS, setting_key  # keys that do not change what a run computes
 
 MODEL_NAMES = {"irnn": "IRNN", "lstm": "LSTM", "rnn-relu": "RNN + ReLU (Gaussian init)", "rnn-tanh": "RNN + tanh",
                "gru": "GRU"}
@@ -47,7 +48,12 @@ class Member:
 
     @property
     def seq_len(self) -> int:
-        return int(self.summary.get("seq_len") or self.config.get("seq_len", 0))
+        if self.summary.get("seq_len"):
+            return int(self.summary["seq_len"])
+        try:  # not started yet: what the config will run (784 for pixel MNIST, not its unused seq_len)
+            return from_dict(self.config).sequence_length()
+        except ConfigError:
+            return int(self.config.get("seq_len", 0))
 
     @property
     def model(self) -> str:
@@ -86,7 +92,7 @@ class Member:
     @property
     def threshold(self) -> float:
         t = _num(self.summary.get("solved_threshold"))
-        return t if t is not None else (0.01 if not self.higher_is_better else 0.98)
+        return t if t is not None else solved_threshold(self.primary_metric)
 
     @property
     def baseline(self) -> Optional[float]:
@@ -227,10 +233,6 @@ def collect(sweep_dir: str | Path) -> list[Member]:
 
 
 # -- settings: members that differ only in seed ---------------------------------------------------------
-def setting_key(cfg: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, json.dumps(v)) for k, v in cfg.items() if k not in ("seed",) + ENV_KEYS))
-
-
 def group_settings(members: Iterable[Member]) -> list[list[Member]]:
     groups: dict[tuple, list[Member]] = {}
     for m in members:

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ConfigError
-
-ENV_OPTIONS = ("quiet", "device", "threads", "track", "engine")
+from .sweep import ENV_KEYS
 
 
 def _backend_options(p: argparse.ArgumentParser) -> None:
@@ -57,7 +56,7 @@ def _interruptible(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import ENV_KEYS, create, load_spec, parse_grid_args, parse_spec, run_sweep
+    from .sweep import create, load_spec, parse_grid_args, parse_spec, run_sweep
     from ..cli import config_values
 
     _check_backend(args)
@@ -88,10 +87,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{table.markdown()}")
     print(f"done in {time.perf_counter() - t0:.0f} s; tables: {sweep.path / 'results.md'}, "
           f"{sweep.path / 'results.csv'}, {sweep.path / 'members.csv'}")
-    from .aggregate import collect
+    return 0 if not _unfinished(sweep)[0] else 1
 
-    states = [m.state for m in collect(sweep.path)]
-    return 0 if all(s in ("completed", "diverged") for s in states) else 1
+
+def _unfinished(sweep) -> tuple[int, int]:
+    """(members not completed or diverged, members), from the run folders' summaries."""
+    from .sweep import FINISHED
+
+    index = sweep.refresh_from_runs()
+    return sum(entry.get("state") not in FINISHED for entry in index.values()), len(index)
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -129,7 +133,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     workers = _workers(args)
     from ..cli import config_values
 
-    env = {k: v for k, v in config_values(args).items() if k in ENV_OPTIONS}
+    env = {k: v for k, v in config_values(args).items() if k in ENV_KEYS}
     t0 = time.perf_counter()
     report = reproduce(args.task, preset=args.preset, budget=args.budget, out=args.out, name=args.name,
                        backend=args.backend, address=args.address, workers=workers,
@@ -142,12 +146,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                        else f"irnn reproduce {args.task} --budget {args.budget}")
     _print_verdicts(report)
     print(f"\nreport: {report}  ({time.perf_counter() - t0:.0f} s)")
-    from .aggregate import collect
+    from .sweep import open_sweep
 
-    states = [m.state for m in collect(report.parent)]
-    unfinished = sum(s not in ("completed", "diverged") for s in states)
+    unfinished, total = _unfinished(open_sweep(report.parent))
     if unfinished:
-        print(f"irnn: {unfinished} of {len(states)} runs did not finish (see the report's failed members); "
+        print(f"irnn: {unfinished} of {total} runs did not finish (see the report's failed members); "
               f"run the same command again to retry them", file=sys.stderr)
     return 0 if not unfinished else 1
 
@@ -228,7 +231,7 @@ def add_commands(sub: Any, add_config_options: Callable[..., None]) -> None:
     add_config_options(p, exclude=("name", "out"))
     p.set_defaults(func=_interruptible(cmd_sweep))
 
-    env_exclude = [f.name for f in fields(Config) if f.name not in ENV_OPTIONS]
+    env_exclude = [f.name for f in fields(Config) if f.name not in ENV_KEYS]
     p = sub.add_parser(
         "reproduce", help="reproduce a paper study: sweep, figures, results table and a verdict per claim",
         description="Reproduce a study of Le et al. (2015) and write OUT/NAME/report.md with figures, tables and a "

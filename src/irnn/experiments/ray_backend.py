@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from ..config import ConfigError
-from ..runs.store import read_json
+from ..runs.store import RunDir
 
 INSTALL_HINT = '--backend ray needs ray: pip install "irnn[ray]"'
 ATTEMPTS = "attempts.jsonl"
@@ -96,7 +96,7 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 def _trial_groups(sweep_dir: Path, names: Sequence[str], group_seeds: bool) -> list[list[str]]:
     if not group_seeds:
         return [[n] for n in names]
-    from .aggregate import setting_key
+    from .sweep import setting_key
     from .sweep import open_sweep
 
     sweep = open_sweep(sweep_dir)
@@ -159,15 +159,7 @@ def run_members(sweep_dir: str | os.PathLike, names: Sequence[str], *, address: 
         finally:
             if started_here:
                 ray.shutdown()
-    return {n: _summary(sweep_dir / "members" / n) or {"name": n, "status": "pending"} for n in names}
-
-
-def _summary(run_dir: Path) -> Optional[dict[str, Any]]:
-    try:
-        data = read_json(run_dir / "summary.json")
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return {n: RunDir(sweep_dir / "members" / n).read_summary() or {"name": n, "status": "pending"} for n in names}
 
 
 def _note_attempt(sweep_dir: Path, names: list[str]) -> None:

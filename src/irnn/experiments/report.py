@@ -115,7 +115,8 @@ def verdict_solves(cells: Sequence[SettingStats], model: str, *, full_budget: bo
         else:
             status[T] = "not solved"
             details.append(f"T={T}: not solved — {c.n_solved}/{c.n} seeds reached MSE < {c.threshold:g} within "
-                           f"{c.budget:,} steps; {_final_str(c)}, baseline {c.baseline:.3g}")
+                           f"{c.budget:,} steps; {_final_str(c)}"
+                           + (f", baseline {c.baseline:.3g}" if c.baseline is not None else ""))
     solved = [T for T in lengths if status[T] == "solved"]
     if all(status[T] == "solved" for T in lengths):
         verdict = REPRODUCED

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, subset
 from .aggregate import Member, best_settings, collect, group_settings, make_table, settings, write_tables
-from .sweep import ENV_KEYS, SweepSpec, create, open_sweep, run_sweep
+from .sweep import ENV_KEYS, SweepSpec, create, open_sweep, train_sweep
 
 MODELS = ("irnn", "rnn-tanh", "rnn-relu", "lstm")
 PAPER_LENGTHS = (150, 200, 300, 400)
@@ -356,9 +356,9 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
         meta["workers"] = workers
     if command:
         meta["command"] = command
-    earlier = _earlier_meta(Path(out) / spec.name) if not overwrite else {}
     sw = create(spec, out, overwrite=overwrite, meta=meta,
                 env={k: v for k, v in spec.base.items() if k in ENV_KEYS})
+    earlier = dict(sw.meta)  # an earlier invocation's wall time and count, kept by create()
     if echo:
         print(f"study: {spec.description}; {len(sw.names)} runs in {sw.path}")
         if budget == "full" and backend == "local" and not _has_cuda():
@@ -370,7 +370,7 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
         if backend == "local":
             print(f"  training with {meta['workers']} local worker process(es)")
     t0 = time.perf_counter()
-    run_sweep(sw, backend=backend, address=address, workers=int(meta["workers"]), echo=echo)
+    train_sweep(sw, backend=backend, address=address, workers=int(meta["workers"]), echo=echo)  # write_report aggregates
     wall = time.perf_counter() - t0
     # Wall time adds up over the invocations that together finished the study (a resumed study).
     total = float(earlier.get("wall_time_s") or 0.0) + wall
@@ -378,11 +378,3 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
     return write_report(sw.path, command=command)
 
 
-def _earlier_meta(path: Path) -> dict[str, Any]:
-    from ..runs.store import read_json
-
-    try:
-        data = read_json(path / "sweep.json")
-        return data.get("meta", {}) if isinstance(data, dict) and isinstance(data.get("meta"), dict) else {}
-    except (OSError, ValueError):
-        return {}

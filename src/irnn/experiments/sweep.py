@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from ..config import Config, ConfigError, from_dict, load_file
-from ..runs.store import atomic_write_json, model_label, read_json, writable_dir
+from ..runs.store import RunDir, atomic_write_json, model_label, read_json, writable_dir
 
 SPEC_FILE, INDEX_FILE, INDEX_LOCK, SPEC_LOCK = "sweep.json", "index.json", "index.lock", "sweep.lock"
 MEMBERS_DIR, LOCKS_DIR = "members", "locks"
@@ -299,6 +299,10 @@ class Sweep:
     def member_dir(self, name: str) -> Path:
         return self.path / MEMBERS_DIR / name
 
+    def member_summary(self, name: str) -> Optional[dict[str, Any]]:
+        """The member's summary.json, or None while it has none (or an unreadable one)."""
+        return RunDir(self.member_dir(name)).read_summary()
+
     def lock(self, name: str) -> FileLock:
         return FileLock(self.path / LOCKS_DIR / f"{name}.lock")
 
@@ -346,7 +350,7 @@ class Sweep:
         changes = {}
         for name in self.names:
             state = index[name].get("state", "pending")
-            summary = _read_summary(self.member_dir(name))
+            summary = self.member_summary(name)
             truth = _state_of(summary)
             if truth in FINISHED and state != truth:
                 changes[name] = _entry_from_summary(summary)
@@ -356,14 +360,6 @@ class Sweep:
                     lock.release()
                     changes[name] = {"state": "pending", "note": "its worker stopped before it finished"}
         return self.update_index(changes) if changes else index
-
-
-def _read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
-    try:
-        data = read_json(run_dir / "summary.json")
-        return data if isinstance(data, dict) else None
-    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
-        return None
 
 
 def _state_of(summary: Optional[dict[str, Any]]) -> str:
@@ -412,7 +408,8 @@ def create(spec: SweepSpec, out: str | os.PathLike = "runs", *, overwrite: bool 
             atomic_write_json(path / SPEC_FILE, record)
         else:
             configs = existing["members"]
-            meta = existing.get("meta", {}) if meta is None else meta
+            # re-creating an existing sweep adds to its metadata (a resumed study keeps its wall time)
+            meta = {**existing.get("meta", {}), **(meta or {})}
             if meta != existing.get("meta", {}):
                 existing["meta"] = meta
                 atomic_write_json(path / SPEC_FILE, existing)
@@ -516,7 +513,7 @@ def _train(sweep: Sweep, names: list[str], progress: bool) -> None:
     from ..train import train_many
 
     def outcome(name: str) -> dict[str, Any]:
-        return _entry_from_summary(_read_summary(sweep.member_dir(name)))
+        return _entry_from_summary(sweep.member_summary(name))
 
     sweep.update_index({n: {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
                             "error": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S")} for n in names})
@@ -540,7 +537,7 @@ def _train(sweep: Sweep, names: list[str], progress: bool) -> None:
             if n not in settled:
                 settled[n] = outcome(n)
                 if settled[n]["state"] == "pending":  # train_many returned but the run did not finish
-                    summary = _read_summary(sweep.member_dir(n)) or {}
+                    summary = sweep.member_summary(n) or {}
                     settled[n] = {"state": "failed", "error": f"run stopped with status {summary.get('status')!r}"}
     finally:
         # An interrupt leaves the rest pending (to resume), never "running" with nobody on it.
@@ -572,10 +569,10 @@ def run_member(sweep_dir: str | os.PathLike, name: str, *, progress: bool = Fals
     if not lock.acquire(blocking=wait):
         raise MemberBusy(f"member {name!r} is being trained by another process")
     try:
-        summary = _read_summary(sweep.member_dir(name))
+        summary = sweep.member_summary(name)
         if _state_of(summary) not in FINISHED:
             _train(sweep, [name], progress)
-            summary = _read_summary(sweep.member_dir(name))
+            summary = sweep.member_summary(name)
         else:
             sweep.update_index({name: _entry_from_summary(summary)})
         entry = sweep.read_index()[name]
@@ -586,19 +583,15 @@ def run_member(sweep_dir: str | os.PathLike, name: str, *, progress: bool = Fals
     return summary or {"name": name, "status": entry.get("state")}
 
 
-def _setting_key(cfg: dict[str, Any]) -> str:
+def setting_key(cfg: dict[str, Any]) -> str:
+    """What identifies a member's setting: its config without the seed and the environment keys."""
     return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("seed",) + ENV_KEYS}, sort_keys=True)
 
 
-def _cost(cfg: dict[str, Any]) -> float:
+def _cost(cfg: Config) -> float:
     """A rough relative cost of a member: steps x length, x1.5 for gated cells (an LSTM step costs
     about 1.5 ReLU-RNN steps on the CPU)."""
-    try:
-        steps = (int(cfg["epochs"]) * math.ceil(int(cfg["train_size"]) / int(cfg["batch_size"]))
-                 if cfg.get("epochs") else int(cfg["steps"]))
-        return steps * int(cfg.get("seq_len", 1)) * (1.5 if cfg.get("model") in ("lstm", "gru") else 1.0)
-    except (KeyError, TypeError, ValueError):
-        return 0.0
+    return cfg.total_steps() * cfg.sequence_length() * (1.5 if cfg.model in ("lstm", "gru") else 1.0)
 
 
 def work_loop(sweep: Sweep, names: Optional[list[str]] = None, *, progress: bool = False,
@@ -621,10 +614,10 @@ def work_loop(sweep: Sweep, names: Optional[list[str]] = None, *, progress: bool
         if not remaining:
             return
         if not group_seeds:  # longest first, so that no worker is left alone with one long run at the end
-            remaining.sort(key=lambda n: -_cost(sweep.configs[n]))
+            remaining.sort(key=lambda n: -_cost(sweep.config(n)))
         groups: dict[str, list[str]] = {}
         for n in remaining:
-            groups.setdefault(_setting_key(sweep.configs[n]) if group_seeds else n, []).append(n)
+            groups.setdefault(setting_key(sweep.configs[n]) if group_seeds else n, []).append(n)
         did_work = False
         busy: list[str] = []
         for group in groups.values():
@@ -637,14 +630,15 @@ def work_loop(sweep: Sweep, names: Optional[list[str]] = None, *, progress: bool
                     busy.append(n)
             try:
                 ready = []
+                index = sweep.read_index() if claimed else {}
                 for n, _ in claimed:
-                    state = _state_of(_read_summary(sweep.member_dir(n)))
-                    entry = sweep.read_index()[n]
+                    summary = sweep.member_summary(n)
+                    state, entry = _state_of(summary), index[n]
                     # Finished meanwhile, or failed in another process during this call: leave it.
                     if state in FINISHED or (entry.get("state") == "failed" and entry.get("t", 0.0) >= start):
                         tried.add(n)
                         if state in FINISHED and entry.get("state") != state:
-                            sweep.update_index({n: _entry_from_summary(_read_summary(sweep.member_dir(n)))})
+                            sweep.update_index({n: _entry_from_summary(summary)})
                         continue
                     ready.append(n)
                 if ready:
@@ -700,7 +694,21 @@ def _spawn_workers(sweep: Sweep, names: Optional[list[str]], count: int, echo: b
 
 def run_sweep(sweep: Sweep | str | os.PathLike, *, names: Optional[list[str]] = None, backend: str = "local",
               address: Optional[str] = None, workers: int = 1, progress: bool = False, echo: bool = False):
-    """Train a sweep's unfinished members and return its results :class:`~irnn.experiments.aggregate.Table`.
+    """Train a sweep's unfinished members (:func:`train_sweep`), write its tables and return its results
+    :class:`~irnn.experiments.aggregate.Table`."""
+    from .aggregate import collect, settings_table, write_tables
+
+    sweep = train_sweep(sweep, names=names, backend=backend, address=address, workers=workers, progress=progress,
+                        echo=echo)
+    members = collect(sweep.path)
+    table = settings_table(members)
+    write_tables(sweep.path, members, table)
+    return table
+
+
+def train_sweep(sweep: Sweep | str | os.PathLike, *, names: Optional[list[str]] = None, backend: str = "local",
+                address: Optional[str] = None, workers: int = 1, progress: bool = False, echo: bool = False) -> Sweep:
+    """Train a sweep's unfinished members; returns the sweep, its index brought up to date.
 
     Args:
         sweep: an opened :class:`Sweep` or a sweep folder.
@@ -709,8 +717,6 @@ def run_sweep(sweep: Sweep | str | os.PathLike, *, names: Optional[list[str]] = 
             (``irnn.experiments.ray_backend.run_members``; ``address`` is the Ray cluster).
         echo: print one line per finished member.
     """
-    from .aggregate import collect, settings_table, write_tables
-
     if not isinstance(sweep, Sweep):
         sweep = open_sweep(sweep)
     if names is not None:
@@ -750,10 +756,7 @@ def run_sweep(sweep: Sweep | str | os.PathLike, *, names: Optional[list[str]] = 
         sweep.refresh_from_runs()
     else:
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
-    members = collect(sweep.path)
-    table = settings_table(members)
-    write_tables(sweep.path, members, table)
-    return table
+    return sweep
 
 
 def format_member_line(name: str, entry: dict[str, Any], k: Optional[str] = None) -> str:

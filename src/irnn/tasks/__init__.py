@@ -7,15 +7,7 @@ from ..config import Config
 from .adding import BASELINE_MSE, generate as generate_adding, make_adding
 from .base import Task
 
-__all__ = ["Task", "make_task", "make_adding", "generate_adding", "BASELINE_MSE", "sequence_length"]
-
-
-def sequence_length(cfg: Config) -> int:
-    """The steps of a config's sequences, without loading any data: ``seq_len`` for the adding
-    problem, one per pixel for MNIST (8 x 8 for the digits source, else 28 x 28)."""
-    if cfg.task == "adding":
-        return cfg.seq_len
-    return 8 * 8 if cfg.data_source == "digits" else 28 * 28
+__all__ = ["Task", "make_task", "make_adding", "generate_adding", "BASELINE_MSE"]
 
 
 def make_task(cfg: Config, device: torch.device | str = "cpu") -> Task:

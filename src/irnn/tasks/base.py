@@ -6,6 +6,8 @@ from typing import Callable
 
 import torch
 
+from ..config import solved_threshold
+
 
 @dataclass
 class Task:
@@ -39,7 +41,7 @@ class Task:
 
     @property
     def solved_threshold(self) -> float:
-        return 0.01 if self.primary_metric == "test_mse" else 0.9
+        return solved_threshold(self.primary_metric)
 
     def to(self, device: torch.device) -> "Task":
         for k in ("train_x", "train_y", "test_x", "test_y"):

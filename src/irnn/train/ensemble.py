@@ -16,7 +16,6 @@ import torch
 from ..config import Config
 from ..engine.ensemble import StackedStep, stackable
 from ..models import RNN_KINDS
-from ..tasks import sequence_length
 from .loop import Interrupted, Run, Trainer, open_trainer, train
 
 MAX_ENSEMBLE = 16
@@ -38,7 +37,7 @@ def stack_limit(cfg: Config) -> int:
     member's hidden states pass ``MEMBER_BYTES``: then 1 (each trains alone)."""
     if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
         return MAX_ENSEMBLE
-    per_model = cfg.batch_size * sequence_length(cfg) * cfg.hidden_size * cfg.num_layers * 4  # float32 states
+    per_model = cfg.batch_size * cfg.sequence_length() * cfg.hidden_size * cfg.num_layers * 4  # float32 states
     return 1 if per_model > MEMBER_BYTES else MAX_ENSEMBLE
 
 
