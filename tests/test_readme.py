@@ -23,3 +23,25 @@ def test_readme_training_step_example_runs():
     # the step reached the optimiser, through the parameters the fused backward filled in
     assert ns["model"].rnn.weight_hh_l0.grad is not None
     assert ns["opt"].state[ns["model"].rnn.weight_hh_l0]["step"] == 1
+
+
+def shell_commands() -> list[str]:
+    """Every ``irnn ...`` command line in the README's bash/text blocks, its comment cut off."""
+    blocks = re.findall(r"```(?:bash|text)\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [line.strip().removeprefix("$ ") for b in blocks for line in b.splitlines()]
+    return [line.split("  #")[0].split(" # ")[0].strip() for line in lines
+            if line.startswith("irnn ") and "..." not in line]
+
+
+def test_every_readme_command_parses():
+    import shlex
+
+    from irnn.cli import build_parser
+
+    commands = shell_commands()
+    assert len(commands) >= 8 and "irnn train --out /tmp/mainjob" in commands
+    for command in commands:
+        try:
+            build_parser().parse_args(shlex.split(command)[1:])
+        except SystemExit as e:
+            raise AssertionError(f"README command does not parse: {command}") from e
