@@ -5,8 +5,9 @@
 whole time loop, forward and backward, in plain C++ with a register-blocked kernel per step and the
 bias, input projection and nonlinearity fused in; ReLU zeros are skipped exactly (IRNNs on the
 adding problem soon have ~90% of their units at zero); ``dW_hh`` is summed step by step inside the
-backward loop (``IRNN_FUSED_DW=gemm``: one GEMM over all steps afterwards instead). Same inputs and
-thread count give bitwise the same results on a given machine.
+backward loop (``IRNN_FUSED_DW=gemm``: one GEMM over all steps afterwards instead). Same inputs give
+bitwise the same results on a given machine and instruction set, whatever the thread count, and a model
+in a stack gets bitwise what it gets alone.
 
 It is built on first use with ``torch.utils.cpp_extension.load`` (about a minute; cached in torch's
 extension directory). If the build fails it warns once and, like with ``IRNN_NO_EXTENSION=1``,
@@ -14,10 +15,11 @@ everything runs on :class:`_PythonRNN`, a reference ``autograd.Function`` with t
 pass in plain torch ops (slower than ``nn.RNN``: it is the fallback and the test reference).
 ``IRNN_FUSED_ISA`` (auto, avx512, avx2, generic) pins the kernel's instruction set, for tests.
 
-Threads: the batch rows of each model are split into up to ``torch.get_num_threads()`` slices that
-run their whole time loop independently. On a shared, loaded 2-core machine two threads make every
-step several times slower (nn.RNN's too: each OpenMP barrier waits for a descheduled thread); set
-``torch.set_num_threads(1)`` there.
+Threads: the batch rows of each model are split into a fixed number of groups (:func:`_groups`, from
+the shapes alone) that run their whole time loop independently; threads take whole groups, and the
+groups' partial sums of ``dW_hh`` are added in a fixed order, so the thread count changes the speed and
+never the numbers. On a shared, loaded 2-core machine two threads make every step several times slower
+(nn.RNN's too: each OpenMP barrier waits for a descheduled thread); set ``torch.set_num_threads(1)`` there.
 
 Both paths compute, for each layer (Elman 1990; Le et al. 2015, eq. 1 with ``act = relu``)::
 
@@ -28,6 +30,7 @@ its own weights.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -58,8 +61,10 @@ def _load():
     if _ops is None and not _build_failed:
         try:
             from torch.utils.cpp_extension import load
-            # One build per torch version (the cache key is otherwise the source and flags only).
-            name = "irnn_fused_rnn_" + re.sub(r"\W", "_", torch.__version__)
+            # One build per torch version and source: two checkouts of different versions (or a test's
+            # copy) would otherwise rebuild one shared folder over each other, each loading the other's code.
+            digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:10]
+            name = f"irnn_fused_rnn_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
             load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             _ops = torch.ops.irnn_fused
@@ -97,25 +102,25 @@ def _gemm_dw() -> bool:
     return name == "gemm"
 
 
-# A slice of the batch must carry at least this many multiply-adds of recurrence (rows x T x H x H, about
+# A group of batch rows must carry at least this many multiply-adds of recurrence (rows x T x H x H, about
 # 20 us) to be worth a thread of its own.
 _MIN_SLICE_WORK = 2_000_000
+# At most this many groups per model, of at least _MIN_GROUP_ROWS rows (the AVX-512 kernel's register
+# blocking). Measured at T=150, H=100 on one thread (2026-12-02, Intel Xeon): 2 or 4 groups ran as fast as
+# one (1.61 vs 1.60 ms at B=16, 2.37 / 2.21 vs 2.36 ms at B=32), so a fixed split costs one thread nothing.
+_MAX_GROUPS, _MIN_GROUP_ROWS = 4, 8
 
 
-def _chunks(x: torch.Tensor, w_hh: torch.Tensor) -> int:
-    """How many slices of the batch rows each model's time loop is split into, at most one per thread.
+def _groups(x: torch.Tensor, w_hh: torch.Tensor) -> int:
+    """How many groups of batch rows each model's time loop is split into: a function of the shapes only.
 
-    Rows are independent through time, so the slices run without any synchronisation inside the loop,
-    and the hidden states are the same for any split (``dW_hh`` adds up per-slice sums, so its last bits
-    may differ between splits). Follows ``torch.get_num_threads()``; no slice is under 4
-    rows (the kernel's register blocking) or under ``_MIN_SLICE_WORK``.
+    Rows are independent through time, so the groups run without any synchronisation inside the loop,
+    and each group sums its own part of ``dW_hh``; the parts are added in group order. Since the split
+    never follows ``torch.get_num_threads()``, neither do the results: threads only take whole groups.
     """
-    threads = torch.get_num_threads()
-    n_models, batch = (x.shape[0], x.shape[1]) if x.dim() == 4 else (1, x.shape[0])
-    if threads <= 1 or n_models >= threads:
-        return 1
+    batch = x.shape[-3]
     work = batch * x.shape[-2] * w_hh.shape[-1] ** 2
-    return max(1, min(-(-threads // n_models), batch // 4, work // _MIN_SLICE_WORK))
+    return max(1, min(_MAX_GROUPS, batch // _MIN_GROUP_ROWS, work // _MIN_SLICE_WORK))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +131,8 @@ class _CppRNN(torch.autograd.Function):
     # gradient alone instead of an all-zero [.., B, T, H] one with its last step filled in.
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, relu: bool, last_only: bool = False):
-        ctx.chunks = _chunks(x, w_hh)
-        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, ctx.chunks, _isa())
+        ctx.groups = _groups(x, w_hh)
+        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, ctx.groups, _isa())
         ctx.save_for_backward(x, w_ih, w_hh, out)
         ctx.relu = relu
         return out.select(-2, -1).clone() if last_only else out
@@ -137,7 +142,7 @@ class _CppRNN(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w_ih, w_hh, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw_ih, dw_hh, db = _ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], ctx.chunks,
+        dx, dw_ih, dw_hh, db = _ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], ctx.groups,
                                              _isa(), _gemm_dw())
         return (dx if need[0] else None, dw_ih if need[1] else None, dw_hh if need[2] else None,
                 db if need[3] else None, db.clone() if need[4] else None, None, None)
@@ -248,7 +253,7 @@ def rnn_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: tor
     if impl != "python" and available():
         if needs_grad:
             return _CppRNN.apply(x, w_ih, w_hh, b_ih, b_hh, relu, last_only)
-        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _chunks(x, w_hh), _isa())  # forward only: nothing saved
+        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _groups(x, w_hh), _isa())  # forward only: nothing saved
         return out.select(-2, -1) if last_only else out
     if impl == "cpp":
         raise RuntimeError("impl='cpp' but the fused C++ engine is unavailable "

@@ -14,14 +14,17 @@
 //     is nonzero in some row (ReLU skipping again): 25-35% less backward time than one
 //     [H, B*T] x [B*T, H] GEMM after the loop, which remains for tiny H and very large stacks;
 //     db and dW_ih (I <= 8) are summed by a vector loop afterwards.
-// Rows of the batch are independent through time, so threads split the (model, batch-rows) work
-// once per call; there is no synchronisation inside the time loop.
+// Rows of the batch are independent through time, so each model's rows are split into a fixed number of
+// groups (chosen from the shapes alone, never from the thread count) and threads take whole (model, group)
+// work items; there is no synchronisation inside the time loop.
 //
 // The kernel is compiled three times (AVX-512, AVX2+FMA, baseline x86-64/other) through target
 // attributes and picked at run time, so one build runs on any x86-64 and no -march=native is
 // needed. Each output element is summed in the same order whatever the blocking or the thread
-// count, so results are bitwise reproducible on a given machine (dW_hh, which adds up per-thread partial
-// sums, for a given thread count). No -ffast-math.
+// count, so results are bitwise reproducible on a given machine for any thread count: dW_hh adds up one
+// partial sum per group in a fixed order, and every ATen GEMM that reduces over batch rows (MKL splits
+// long reductions across threads) runs single-threaded on one model at a time (serial_blas). A stacked
+// model gets bitwise what it gets alone. No -ffast-math.
 //
 // Layouts (N = stacked models), all batch first like x:
 //   x [N,B,T,I], w_ih [N,H,I], w_hh [N,H,H], b_* [N,H]; out, dz [N,B,T,H] contiguous.
@@ -32,8 +35,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -576,12 +578,20 @@ template <typename T> IRNN_AVX512 void input_grads_avx512(const T* dz, const T* 
                                                          int64_t I, T* db, T* dwi) {
   input_grads_impl<T, 64>(dz, x, rows, H, HP, I, db, dwi);
 }
+template <typename T> IRNN_AVX512 void rows_product_avx512(const T* A, int64_t lda, const int32_t* units, int64_t nu,
+                                                          const T* M, int64_t ldm, int64_t R, T* C, int64_t ldc) {
+  rank_update_rows<T, 64, IRNN_RB512, IRNN_CB512>(A, lda, units, nu, M, ldm, R, C, ldc);
+}
 template <typename T> IRNN_AVX2 void forward_rows_avx2(const FwdArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   forward_rows_impl<T, 32, 4, 3>(a, n, r0, r1);
 }
 template <typename T> IRNN_AVX2 void backward_rows_avx2(const BwdArgs<T>& a, int64_t n, int64_t r0, int64_t r1,
                                                        int64_t item) {
   backward_rows_impl<T, 32, 4, 3>(a, n, r0, r1, item);
+}
+template <typename T> IRNN_AVX2 void rows_product_avx2(const T* A, int64_t lda, const int32_t* units, int64_t nu,
+                                                      const T* M, int64_t ldm, int64_t R, T* C, int64_t ldc) {
+  rank_update_rows<T, 32, 4, 3>(A, lda, units, nu, M, ldm, R, C, ldc);
 }
 template <typename T> IRNN_AVX2 void input_grads_avx2(const T* dz, const T* x, int64_t rows, int64_t H, int64_t HP,
                                                      int64_t I, T* db, T* dwi) {
@@ -593,6 +603,10 @@ template <typename T> void forward_rows_generic(const FwdArgs<T>& a, int64_t n, 
 }
 template <typename T> void backward_rows_generic(const BwdArgs<T>& a, int64_t n, int64_t r0, int64_t r1, int64_t item) {
   backward_rows_impl<T, 16, 4, 3>(a, n, r0, r1, item);
+}
+template <typename T> void rows_product_generic(const T* A, int64_t lda, const int32_t* units, int64_t nu, const T* M,
+                                                int64_t ldm, int64_t R, T* C, int64_t ldc) {
+  rank_update_rows<T, 16, 4, 3>(A, lda, units, nu, M, ldm, R, C, ldc);
 }
 template <typename T> void input_grads_generic(const T* dz, const T* x, int64_t rows, int64_t H, int64_t HP, int64_t I,
                                                T* db, T* dwi) {
@@ -621,9 +635,8 @@ Isa resolve_isa(int64_t requested) {
 
 int64_t vector_bytes(Isa isa) { return isa == kAvx512 ? 64 : isa == kAvx2 ? 32 : 16; }
 
-// Runs body(n, r0, r1, item) over the N x `chunks` work items: models x slices of the batch rows.
-// Worker threads get the caller's flush-to-zero / denormals-are-zero bits, so torch.set_flush_denormal
-// applies to them too.
+// Runs body(lo, hi) over [begin, end) with ATen's threads. Worker threads get the caller's flush-to-zero /
+// denormals-are-zero bits, so torch.set_flush_denormal applies to them too.
 template <typename F>
 void parallel_ftz(int64_t begin, int64_t end, int64_t grain, const F& body) {
 #if IRNN_X86
@@ -641,14 +654,24 @@ void parallel_ftz(int64_t begin, int64_t end, int64_t grain, const F& body) {
   });
 }
 
+// Runs body(n, r0, r1, item) over the N x `groups` work items: models x fixed slices of the batch rows.
 template <typename F>
-void for_rows(int64_t N, int64_t B, int64_t chunks, const F& body) {
-  const int64_t per = (B + chunks - 1) / chunks;
-  parallel_ftz(0, N * chunks, 1, [&](int64_t lo, int64_t hi) {
+void for_rows(int64_t N, int64_t B, int64_t groups, const F& body) {
+  const int64_t per = (B + groups - 1) / groups;
+  parallel_ftz(0, N * groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      const int64_t n = i / chunks, r0 = (i % chunks) * per, r1 = std::min(B, r0 + per);
+      const int64_t n = i / groups, r0 = (i % groups) * per, r1 = std::min(B, r0 + per);
       if (r0 < r1) body(n, r0, r1, i);
     }
+  });
+}
+
+// Runs fn(n) for each model n < N, models in parallel.
+template <typename F>
+void for_models(int64_t N, const F& fn) {
+  parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the workers
+    for (int64_t n = lo; n < hi; ++n) fn(n);
   });
 }
 
@@ -713,63 +736,50 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor&
               b_hh.sizes());
 }
 
-// Stacks of more models than this use one dense bmm for dW_hh instead of a compacted GEMM per model.
+// Stacks of more models than this skip the unit activity bits (one dense product per model).
 constexpr int64_t kCompactMaxModels = 64;
 
-// dW_hh[n] into dw[n] (zeroed by the caller) for model n; dz1, h0 [N, R, H] are the (i, i - 1) row pairs.
+// More than any HP - H (one vector of the widest ISA, 64 bytes, of the smallest type).
+constexpr int64_t kOutPad = 16;
+
+// t (contiguous) followed by at least kOutPad readable elements, for kernels that read rows a whole vector
+// wide: t itself where its storage has them (fused_forward's states), else a zero-padded copy.
 template <typename T>
-void recurrent_weight_grad_model(int64_t n, const at::Tensor& dz1, const at::Tensor& h0,
-                                 const typename IntOf<T>::type* bits, int64_t HP, at::Tensor& dw) {
-  using I = typename IntOf<T>::type;
-  const int64_t R = dz1.size(1), H = dz1.size(2);
-  std::vector<int64_t> rows, cols;  // units with a nonzero dz / h
-  for (int64_t k = 0; k < H; ++k) {
-    if (bits[(2 * n) * HP + k] & std::numeric_limits<I>::max()) rows.push_back(k);
-    if (bits[(2 * n + 1) * HP + k] & std::numeric_limits<I>::max()) cols.push_back(k);
-  }
-  const int64_t nr = rows.size(), nc = cols.size();
-  if (nr == 0 || nc == 0) return;
-  at::Tensor dwn = dw.select(0, n);
-  if (nr * nc * 2 > H * H) {  // over half the product: dense
-    at::mm_out(dwn, dz1.select(0, n).t(), h0.select(0, n));
-    return;
-  }
-  at::Tensor a = workspace(1, {R, nr}, dz1.options()), b = workspace(2, {R, nc}, dz1.options());
-  const T* dzp = dz1.select(0, n).data_ptr<T>();
-  const T* hp = h0.select(0, n).data_ptr<T>();
-  T* ap = a.data_ptr<T>();
-  T* bp = b.data_ptr<T>();
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t c = 0; c < nr; ++c) ap[r * nr + c] = dzp[r * H + rows[c]];
-    for (int64_t c = 0; c < nc; ++c) bp[r * nc + c] = hp[r * H + cols[c]];
-  }
-  const at::Tensor part = at::mm(a.t(), b);  // [nr, nc]
-  const T* pp = part.data_ptr<T>();
-  T* dp = dwn.data_ptr<T>();
-  for (int64_t r = 0; r < nr; ++r)
-    for (int64_t c = 0; c < nc; ++c) dp[rows[r] * H + cols[c]] = pp[r * nc + c];
+at::Tensor with_tail(const at::Tensor& t_) {
+  const at::Tensor t = t_.contiguous();
+  if ((t.storage_offset() + t.numel() + kOutPad) * int64_t(sizeof(T)) <= int64_t(t.storage().nbytes())) return t;
+  at::Tensor buf = at::zeros({t.numel() + kOutPad}, t.options());
+  buf.narrow(0, 0, t.numel()).copy_(t.reshape(-1));
+  return buf.narrow(0, 0, t.numel()).view(t.sizes());
 }
 
-// dW_hh[n] = sum_{i >= 1} dz[n, i]^T h[n, i - 1] over the flat rows i = (b, t) of dz, h [N, R, H]
-// (the caller has zeroed dz's t = 0 rows, whose h[i - 1] belongs to the previous sequence).
-//
-// ReLU networks often have units that are zero over the whole batch and all steps (about 90% of an
-// IRNN's on the adding problem soon after training starts): their rows of dz or columns of h only add
-// exact zeros, so the GEMM runs on the gathered nonzero units and is scattered back. bits [N, 2, HP]:
-// the OR of the bit patterns of each unit's dz and h values (sign bit ignored), or null for dense.
 template <typename T>
-at::Tensor recurrent_weight_grad(const at::Tensor& dz, const at::Tensor& h, const typename IntOf<T>::type* bits,
-                                 int64_t HP) {
-  const int64_t N = dz.size(0), R = dz.size(1) - 1, H = dz.size(2);
-  const at::Tensor dz1 = dz.narrow(1, 1, R), h0 = h.narrow(1, 0, R);  // pairs (i, i - 1)
-  if (bits == nullptr || R == 0) return R ? at::bmm(dz1.transpose(1, 2), h0) : at::zeros({N, H, H}, dz.options());
-  at::Tensor dw = at::zeros({N, H, H}, dz.options());
-  // Models in parallel (each GEMM then runs on one thread); a single model keeps ATen's threaded GEMM.
-  parallel_ftz(0, N, N > 1 ? 1 : N + 1, [&](int64_t lo, int64_t hi) {
-    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the workers
-    for (int64_t n = lo; n < hi; ++n) recurrent_weight_grad_model<T>(n, dz1, h0, bits, HP, dw);
+using RowsProduct = void (*)(const T*, int64_t, const int32_t*, int64_t, const T*, int64_t, int64_t, T*, int64_t);
+
+// out[n] [H, W] = A[n][:R]^T M[n][:R, :W] for each model n, summed row by row in order whatever the thread
+// count (a BLAS splits such a long reduction, over batch x time, between threads: its bits would follow
+// the thread count). A [N, *, lda] and M [N, *, ldm] start at their models' first pair of rows, model
+// strides a_n, m_n; M's rows are read WP wide (W rounded up to a vector), so M must be readable that far
+// past its last row (with_tail). Units u whose A column is zero in every row (bits [N, 2, HP], first
+// half; null: none known) add exact zeros and are skipped: for ReLU networks that is most of them.
+template <typename T>
+at::Tensor rows_product(RowsProduct<T> fn, int64_t N, const T* A, int64_t a_n, int64_t lda, const T* M, int64_t m_n,
+                        int64_t ldm, int64_t R, int64_t H, int64_t W, int64_t WP, const typename IntOf<T>::type* bits,
+                        int64_t HP, const at::TensorOptions& opt) {
+  using I = typename IntOf<T>::type;
+  at::Tensor out = at::zeros({N, H, W}, opt);
+  if (R <= 0) return out;
+  for_models(N, [&](int64_t n) {
+    std::vector<int32_t> units;
+    for (int64_t u = 0; u < H; ++u)
+      if (!bits || (bits[2 * n * HP + u] & std::numeric_limits<I>::max())) units.push_back((int32_t)u);
+    if (units.empty()) return;
+    std::vector<T> c(H * WP, T(0));
+    fn(A + n * a_n, lda, units.data(), (int64_t)units.size(), M + n * m_n, ldm, R, c.data(), WP);
+    T* o = out.data_ptr<T>() + n * H * W;
+    for (int64_t u = 0; u < H; ++u) std::copy_n(c.data() + u * WP, W, o + u * W);
   });
-  return dw;
+  return out;
 }
 
 template <typename T>
@@ -779,7 +789,7 @@ void tanh_rows(T* p, int64_t rows, int64_t stride, int64_t H) {
 
 template <typename T>
 void run_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
-                 const at::Tensor& b_hh, at::Tensor& out, bool relu, int64_t chunks, Isa isa) {
+                 const at::Tensor& b_hh, at::Tensor& out, bool relu, int64_t groups, Isa isa) {
   const int64_t N = x.size(0), B = x.size(1), T_ = x.size(2), I = x.size(3), H = w_hh.size(2);
   const int64_t HP = padded(H, isa, sizeof(T));
   const std::vector<T> wt = pack<T>(w_hh, /*transpose=*/true, HP);  // [N, H, HP] = W_hh^T
@@ -793,7 +803,13 @@ void run_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& 
       for (int64_t j = 0; j < H; ++j) bias[n * HP + j] = bi.data_ptr<T>()[n * H + j] + bh.data_ptr<T>()[n * H + j];
   } else {
     xp = workspace(0, {N, B * T_, H}, x.options());
-    at::baddbmm_out(xp, at::add(b_ih, b_hh).unsqueeze(1), x.view({N, B * T_, I}), w_ih.transpose(1, 2));
+    const at::Tensor bias_sum = at::add(b_ih, b_hh), xv = x.view({N, B * T_, I});
+    // One GEMM per model, so a stacked model gets what it gets alone; it sums over the I inputs only, which
+    // BLAS does not split between threads (it does split a long reduction, such as one over batch x time).
+    for_models(N, [&](int64_t n) {
+      at::Tensor xpn = xp.select(0, n);
+      at::addmm_out(xpn, bias_sum.select(0, n), xv.select(0, n), w_ih.select(0, n).t());
+    });
   }
   FwdArgs<T> a{xp.defined() ? xp.data_ptr<T>() : nullptr, x.data_ptr<T>(), wi.data(), bias.data(), I,
                out.data_ptr<T>(), wt.data(), B, T_, H, HP, relu, &tanh_rows<T>};
@@ -802,23 +818,28 @@ void run_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& 
   if (isa == kAvx512) fn = forward_rows_avx512<T>;
   if (isa == kAvx2) fn = forward_rows_avx2<T>;
 #endif
-  for_rows(N, B, chunks, [&](int64_t n, int64_t r0, int64_t r1, int64_t) { fn(a, n, r0, r1); });
+  for_rows(N, B, groups, [&](int64_t n, int64_t r0, int64_t r1, int64_t) { fn(a, n, r0, r1); });
 }
 
 // out: every hidden state, [B,T,H] or [N,B,T,H] like x, contiguous.
 at::Tensor fused_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-                         const at::Tensor& b_ih_, const at::Tensor& b_hh_, bool relu, int64_t chunks, int64_t isa_req) {
+                         const at::Tensor& b_ih_, const at::Tensor& b_hh_, bool relu, int64_t groups, int64_t isa_req) {
   at::NoGradGuard no_grad;
   const bool single = x_.dim() == 3;
   const at::Tensor x = stacked(x_, single).contiguous(), w_ih = stacked(w_ih_, single),
                    w_hh = stacked(w_hh_, single), b_ih = stacked(b_ih_, single), b_hh = stacked(b_hh_, single);
   check_inputs(x, w_ih, w_hh, b_ih, b_hh);
   const Isa isa = resolve_isa(isa_req);
-  chunks = std::max<int64_t>(1, std::min(chunks, x.size(1)));
-  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), w_hh.size(2)}, x.options());
+  groups = std::max<int64_t>(1, std::min(groups, x.size(1)));
+  // kOutPad zeros after the states, so that the backward may read their rows HP wide (with_tail) without
+  // copying them.
+  const int64_t numel = x.size(0) * x.size(1) * x.size(2) * w_hh.size(2);
+  at::Tensor buf = at::empty({numel + kOutPad}, x.options());
+  buf.narrow(0, numel, kOutPad).zero_();
+  at::Tensor out = buf.narrow(0, 0, numel).view({x.size(0), x.size(1), x.size(2), w_hh.size(2)});
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_forward",
-                               [&] { run_forward<scalar_t>(x, w_ih, w_hh, b_ih, b_hh, out, relu, chunks, isa); });
+                               [&] { run_forward<scalar_t>(x, w_ih, w_hh, b_ih, b_hh, out, relu, groups, isa); });
   }
   return single ? out.squeeze(0) : out;
 }
@@ -841,22 +862,22 @@ std::pair<at::Tensor, at::Tensor> unpack_input_grads(const std::vector<T>& dbp, 
   return {db, dw_ih};
 }
 
-// In-loop dW_hh (BwdArgs::dw) reads a row of h_{t-1} HP wide; the HP - H values past its end belong to
-// the next row, which exists (h_t, or a later sequence's) as long as HP - H <= H. Partials take at most
-// this many bytes (one [H, HP] per work item); beyond it, or for tiny H, dW_hh is one GEMM after the loop.
+// In-loop dW_hh (BwdArgs::dw) reads a row of h_{t-1} HP wide: the HP - H values past its end belong to
+// the next row, or to the tail after the states (with_tail). Partials take at most this many bytes (one
+// [H, HP] per work item); beyond it dW_hh is one product over all rows after the loop (rows_product).
 constexpr size_t kInLoopDwBytes = size_t(64) << 20;
 
-// dW_hh [N, H, H] from the work items' partials [N * chunks, H, HP]: model n's chunks summed in order.
+// dW_hh [N, H, H] from the work items' partials [N * groups, H, HP]: model n's groups summed in order.
 template <typename T>
-at::Tensor sum_partials(const T* partials, int64_t N, int64_t chunks, int64_t H, int64_t HP,
+at::Tensor sum_partials(const T* partials, int64_t N, int64_t groups, int64_t H, int64_t HP,
                         const at::TensorOptions& opt) {
   at::Tensor dw = at::empty({N, H, H}, opt);
   T* o = dw.data_ptr<T>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < H; ++j)
       for (int64_t k = 0; k < H; ++k) {
-        T v = partials[((n * chunks) * H + j) * HP + k];
-        for (int64_t c = 1; c < chunks; ++c) v += partials[((n * chunks + c) * H + j) * HP + k];
+        T v = partials[((n * groups) * H + j) * HP + k];
+        for (int64_t c = 1; c < groups; ++c) v += partials[((n * groups + c) * H + j) * HP + k];
         o[(n * H + j) * H + k] = v;
       }
   return dw;
@@ -865,91 +886,102 @@ at::Tensor sum_partials(const T* partials, int64_t N, int64_t chunks, int64_t H,
 // The backward of a stack of models, one model at a time from its time loop to its dW_hh, while that
 // model's dz and states are still in cache (phase by phase over all models, a 16-model step at T=150
 // streams ~45 MB through memory and took 1.6x as long per model as a single model's backward).
-// For stacks whose parallelism is over models (chunks == 1), without dx, and with narrow inputs.
+// For stacks (parallel over models; each model's row groups in order), without dx, and with narrow inputs.
 template <typename T, typename Fn, typename Ig>
-std::vector<at::Tensor> backward_by_model(const BwdArgs<T>& a, Fn fn, Ig ig, const at::Tensor& x,
-                                          const at::Tensor& out, bool need_w_ih, const typename IntOf<T>::type* bits,
-                                          int64_t HP) {
-  const int64_t N = out.size(0), B = a.B, T_ = a.T_, H = a.H, I = x.size(3);
-  const at::TensorOptions opt = out.options();
+std::vector<at::Tensor> backward_by_model(const BwdArgs<T>& a, Fn fn, Ig ig, RowsProduct<T> rp, const at::Tensor& x,
+                                          bool need_w_ih, int64_t groups) {
+  using I_t = typename IntOf<T>::type;
+  const int64_t N = x.size(0), B = a.B, T_ = a.T_, H = a.H, HP = a.HP, I = x.size(3);
+  const at::TensorOptions opt = x.options();
   const at::Tensor xc = x.contiguous();
-  const at::Tensor dz = at::from_blob(a.dz, {N, B * T_, H}, opt), h = out.view({N, B * T_, H});
-  const int64_t R = B * T_ - 1;
-  const at::Tensor dz1 = dz.narrow(1, 1, R), h0 = h.narrow(1, 0, R);
-  at::Tensor dw_hh = a.dw ? at::Tensor() : at::zeros({N, H, H}, opt);
+  at::Tensor dw_hh = a.dw ? at::Tensor() : at::empty({N, H, H}, opt);
   std::vector<T> dbp(N * HP), dwp(need_w_ih ? N * I * HP : 0);
-  parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
-    at::NoGradGuard no_grad;
-    for (int64_t n = lo; n < hi; ++n) {
-      fn(a, n, 0, B, n);  // one work item per model: its bits (or dW_hh partial) are already model n's
-      T* dzn = a.dz + n * B * T_ * H;
-      ig(dzn, xc.data_ptr<T>() + n * B * T_ * I, B * T_, H, HP, I, dbp.data() + n * HP,
-         dwp.empty() ? nullptr : dwp.data() + n * I * HP);
-      if (a.dw) continue;  // dW_hh was summed in the time loop
-      for (int64_t b = 0; b < B; ++b) std::fill_n(dzn + b * T_ * H, H, T(0));  // see run_backward
-      if (R > 0) recurrent_weight_grad_model<T>(n, dz1, h0, bits, HP, dw_hh);
-    }
+  const int64_t per = (B + groups - 1) / groups;  // the row groups of for_rows, so the partials are the same
+  for_models(N, [&](int64_t n) {
+    for (int64_t g = 0; g < groups && g * per < B; ++g) fn(a, n, g * per, std::min(B, (g + 1) * per), n * groups + g);
+    T* dzn = a.dz + n * B * T_ * H;
+    ig(dzn, xc.data_ptr<T>() + n * B * T_ * I, B * T_, H, HP, I, dbp.data() + n * HP,
+       dwp.empty() ? nullptr : dwp.data() + n * I * HP);
+    if (a.dw) return;  // dW_hh was summed in the time loop
+    I_t* bits_n = a.bits ? a.bits + n * groups * 2 * HP : nullptr;  // model n's unit activity: OR of its groups'
+    for (int64_t g = 1; g < groups && bits_n; ++g)
+      for (int64_t k = 0; k < 2 * HP; ++k) bits_n[k] |= bits_n[g * 2 * HP + k];
+    for (int64_t b = 0; b < B; ++b) std::fill_n(dzn + b * T_ * H, H, T(0));  // see run_backward
+    dw_hh.select(0, n).copy_(rows_product<T>(rp, 1, dzn + H, 0, H, a.h + n * B * T_ * H, 0, H, B * T_ - 1, H, H, HP,
+                                             bits_n, HP, opt)[0]);
   });
-  if (a.dw) dw_hh = sum_partials<T>(a.dw, N, 1, H, HP, opt);
+  if (a.dw) dw_hh = sum_partials<T>(a.dw, N, groups, H, HP, opt);
   auto [db, dw_ih] = unpack_input_grads<T>(dbp, dwp, N, H, I, HP, opt);
   return {at::empty({0}, opt), dw_ih, dw_hh, db};
 }
 
 template <typename T>
 std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x, const at::Tensor& w_ih,
-                                     const at::Tensor& w_hh, const at::Tensor& out, bool relu, bool need_x,
-                                     bool need_w_ih, int64_t chunks, Isa isa, bool gemm_dw) {
+                                     const at::Tensor& w_hh, const at::Tensor& out_, bool relu, bool need_x,
+                                     bool need_w_ih, int64_t groups, Isa isa, bool gemm_dw) {
   using I_t = typename IntOf<T>::type;
-  const int64_t N = out.size(0), B = out.size(1), T_ = out.size(2), H = out.size(3), I = w_ih.size(2);
+  const int64_t N = out_.size(0), B = out_.size(1), T_ = out_.size(2), H = out_.size(3), I = w_ih.size(2);
   const int64_t HP = padded(H, isa, sizeof(T));
-  const at::TensorOptions opt = out.options();
+  const at::TensorOptions opt = out_.options();
+  const at::Tensor out = with_tail<T>(out_);  // its rows are read HP wide
   at::Tensor dz = workspace(0, {N, B, T_, H}, opt);
   const std::vector<T> wp = pack<T>(w_hh, /*transpose=*/false, HP);  // [N, H, HP] = W_hh
-  const bool in_loop = !gemm_dw && HP - H <= H && size_t(N * chunks * H * HP) * sizeof(T) <= kInLoopDwBytes;
-  at::Tensor partials;  // slot 1 is otherwise only the GEMM path's scratch
-  if (in_loop) partials = workspace(1, {N * chunks * H * HP}, opt).zero_();
+  const bool in_loop = !gemm_dw && size_t(N * groups * H * HP) * sizeof(T) <= kInLoopDwBytes;
+  at::Tensor partials;
+  if (in_loop) partials = workspace(1, {N * groups * H * HP}, opt).zero_();
   const bool compact = !in_loop && N <= kCompactMaxModels;
-  std::vector<I_t> bits(compact ? N * chunks * 2 * HP : 0, 0);
+  std::vector<I_t> bits(compact ? N * groups * 2 * HP : 0, 0);
   const bool g_last = gout.dim() == 3;  // [N,B,H]: the gradient of the last state only
   BwdArgs<T> a{gout.data_ptr<T>(), gout.stride(0), gout.stride(1), g_last ? 0 : gout.stride(2), g_last,
                out.data_ptr<T>(), dz.data_ptr<T>(), wp.data(), B, T_, H, HP, relu, compact ? bits.data() : nullptr,
                in_loop ? partials.data_ptr<T>() : nullptr};
   auto fn = backward_rows_generic<T>;
   auto ig = input_grads_generic<T>;
+  RowsProduct<T> rp = rows_product_generic<T>;
 #if IRNN_X86
-  if (isa == kAvx512) fn = backward_rows_avx512<T>, ig = input_grads_avx512<T>;
-  if (isa == kAvx2) fn = backward_rows_avx2<T>, ig = input_grads_avx2<T>;
+  if (isa == kAvx512) fn = backward_rows_avx512<T>, ig = input_grads_avx512<T>, rp = rows_product_avx512<T>;
+  if (isa == kAvx2) fn = backward_rows_avx2<T>, ig = input_grads_avx2<T>, rp = rows_product_avx2<T>;
 #endif
-  if ((compact || in_loop) && chunks == 1 && N > 1 && !need_x && I <= kIMax)
-    return backward_by_model<T>(a, fn, ig, x, out, need_w_ih, bits.data(), HP);
-  for_rows(N, B, chunks, [&](int64_t n, int64_t r0, int64_t r1, int64_t item) { fn(a, n, r0, r1, item); });
+  if ((compact || in_loop) && N > 1 && !need_x && I <= kIMax)
+    return backward_by_model<T>(a, fn, ig, rp, x, need_w_ih, groups);
+  for_rows(N, B, groups, [&](int64_t n, int64_t r0, int64_t r1, int64_t item) { fn(a, n, r0, r1, item); });
   // Merge the work items' unit activity per model (an OR: the same whatever the split).
   for (int64_t n = 0; n < N && compact; ++n)
-    for (int64_t c = 1; c < chunks; ++c)
-      for (int64_t k = 0; k < 2 * HP; ++k) bits[n * chunks * 2 * HP + k] |= bits[(n * chunks + c) * 2 * HP + k];
+    for (int64_t c = 1; c < groups; ++c)
+      for (int64_t k = 0; k < 2 * HP; ++k) bits[n * groups * 2 * HP + k] |= bits[(n * groups + c) * 2 * HP + k];
   for (int64_t n = 1; n < N && compact; ++n)  // compact to [N, 2, HP]
-    std::copy_n(bits.data() + n * chunks * 2 * HP, 2 * HP, bits.data() + n * 2 * HP);
+    std::copy_n(bits.data() + n * groups * 2 * HP, 2 * HP, bits.data() + n * 2 * HP);
 
   const at::Tensor dzf = dz.view({N, B * T_, H});  // rows (b, t), batch-major like x and out
   const at::Tensor xc = x.contiguous();
   at::Tensor dx = at::empty({0}, opt);
   const bool small = I <= kIMax;
   std::vector<T> dbp(N * HP), dwp(small && need_w_ih ? N * I * HP : 0);
-  parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n)
-      ig(dz.data_ptr<T>() + n * B * T_ * H, xc.data_ptr<T>() + n * B * T_ * I, B * T_, H, HP, I,
-         dbp.data() + n * HP, dwp.empty() ? nullptr : dwp.data() + n * I * HP);
+  for_models(N, [&](int64_t n) {
+    ig(dz.data_ptr<T>() + n * B * T_ * H, xc.data_ptr<T>() + n * B * T_ * I, B * T_, H, HP, I, dbp.data() + n * HP,
+       dwp.empty() ? nullptr : dwp.data() + n * I * HP);
   });
   auto [db, dw_ih] = unpack_input_grads<T>(dbp, dwp, N, H, I, HP, opt);
-  if (need_w_ih && !small) dw_ih = at::bmm(dzf.transpose(1, 2), xc.view({N, B * T_, I}));
-  if (need_x) dx = at::bmm(dzf, w_ih).view({N, B, T_, I});
-  if (in_loop) return {dx, dw_ih, sum_partials<T>(partials.data_ptr<T>(), N, chunks, H, HP, opt), db};
-  // Otherwise dW_hh as ONE GEMM over all flat rows: row i of dz pairs with row i - 1 of out, which is (b, t-1)
-  // except at t = 0, where it is the previous sequence's last state; zeroing dz's t = 0 rows (dz is
+  if (need_w_ih && !small) {  // wide inputs: dW_ih = dz^T x over all rows, x's rows read IP wide
+    const at::Tensor xt = with_tail<T>(xc);
+    dw_ih = rows_product<T>(rp, N, dz.data_ptr<T>(), B * T_ * H, H, xt.data_ptr<T>(), B * T_ * I, I, B * T_, H, I,
+                            padded(I, isa, sizeof(T)), nullptr, HP, opt);
+  }
+  if (need_x) {  // a GEMM per model that sums over H only (BLAS splits no such short reduction)
+    dx = at::empty({N, B, T_, I}, opt);
+    for_models(N, [&](int64_t n) {
+      at::Tensor o = dx.select(0, n).view({B * T_, I});
+      at::mm_out(o, dzf.select(0, n), w_ih.select(0, n));
+    });
+  }
+  if (in_loop) return {dx, dw_ih, sum_partials<T>(partials.data_ptr<T>(), N, groups, H, HP, opt), db};
+  // Otherwise dW_hh as one product over all flat rows: row i of dz pairs with row i - 1 of out, which is
+  // (b, t-1) except at t = 0, where it is the previous sequence's last state; zeroing dz's t = 0 rows (dz is
   // scratch, and db, dw_ih, dx are done) makes those pairs add exact zeros.
   T* dzp = dz.data_ptr<T>();
   for (int64_t nb = 0; nb < N * B; ++nb) std::fill_n(dzp + nb * T_ * H, H, T(0));
-  const at::Tensor dw_hh = recurrent_weight_grad<T>(dzf, out.view({N, B * T_, H}), compact ? bits.data() : nullptr, HP);
+  const at::Tensor dw_hh = rows_product<T>(rp, N, dzp + H, B * T_ * H, H, out.data_ptr<T>(), B * T_ * H, H,
+                                           B * T_ - 1, H, H, HP, compact ? bits.data() : nullptr, HP, opt);
   return {dx, dw_ih, dw_hh, db};
 }
 
@@ -957,7 +989,7 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
 // of both biases). out: the forward's result.
 std::vector<at::Tensor> fused_backward(const at::Tensor& gout_, const at::Tensor& x_, const at::Tensor& w_ih_,
                                        const at::Tensor& w_hh_, const at::Tensor& out_, bool relu, bool need_x,
-                                       bool need_w_ih, int64_t chunks, int64_t isa_req, bool gemm_dw) {
+                                       bool need_w_ih, int64_t groups, int64_t isa_req, bool gemm_dw) {
   at::NoGradGuard no_grad;
   const bool single = out_.dim() == 3;
   const at::Tensor x = stacked(x_, single), w_ih = stacked(w_ih_, single), w_hh = stacked(w_hh_, single),
@@ -973,14 +1005,14 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& gout_, const at::Tensor
   at::Tensor gout = stacked(gout_, single);
   if (gout.scalar_type() != out.scalar_type()) gout = gout.to(out.scalar_type());
   if (gout.stride(-1) != 1) gout = gout.contiguous();  // e.g. the expanded grad of out.sum()
-  chunks = std::max<int64_t>(1, std::min(chunks, out.size(1)));
+  groups = std::max<int64_t>(1, std::min(groups, out.size(1)));
   std::vector<at::Tensor> grads;
   if (out.numel() == 0) {
     grads = {at::zeros_like(x), at::zeros_like(w_ih), at::zeros_like(w_hh),
              at::zeros({out.size(0), out.size(3)}, out.options())};
   } else {
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fused_rnn_backward", [&] {
-      grads = run_backward<scalar_t>(gout, x, w_ih, w_hh, out, relu, need_x, need_w_ih, chunks, isa, gemm_dw);
+      grads = run_backward<scalar_t>(gout, x, w_ih, w_hh, out, relu, need_x, need_w_ih, groups, isa, gemm_dw);
     });
   }
   if (single)
@@ -995,11 +1027,11 @@ int64_t best_isa() { return resolve_isa(kAuto); }
 
 // Ops under torch.ops.irnn_fused. Tensors a call did not compute come back empty (numel 0).
 TORCH_LIBRARY(irnn_fused, m) {
-  m.def("forward(Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, bool relu, int chunks, int isa) "
+  m.def("forward(Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, bool relu, int groups, int isa) "
         "-> Tensor",
         &fused_forward);
   m.def("backward(Tensor grad_out, Tensor x, Tensor w_ih, Tensor w_hh, Tensor out, bool relu, bool need_x, "
-        "bool need_w_ih, int chunks, int isa, bool gemm_dw=False) -> Tensor[]",
+        "bool need_w_ih, int groups, int isa, bool gemm_dw=False) -> Tensor[]",
         &fused_backward);
   m.def("best_isa() -> int", &best_isa);
 }
