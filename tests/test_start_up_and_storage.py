@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from irnn.cli import main
+from irnn.config import ConfigError
 from irnn.runs.store import RunDir
 from test_robustness import assert_same_state, irnn_cmd, lines
 
@@ -144,9 +145,12 @@ def test_kill_during_sweep_start_up_then_the_same_command_finishes_exactly(tmp_p
     rng = random.Random(1234)
     out = tmp_path / "sweeps"
     cmd = ["sweep", "--name", "S", *SEEDS, *TINY, "--out", str(out)]
+    cut_while_building = 0
     for building in (True, False):
         kill_during_start_up(cmd, out / "S" / "members", rng, building=building)
         assert_only_resumable_runs(out / "S" / "members")
+        cut_while_building += any((out / "S" / "members").glob(".*.new.*"))
+    assert cut_while_building >= 1  # a kill hit a member's folder while it was being made
     r = run(cmd)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
@@ -186,14 +190,14 @@ def test_leftovers_are_reused_or_restored_and_real_results_never_deleted(tmp_pat
     # a folder with results but no config.json is refused, and kept
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(Exception, match="not an irnn run"):
+    with pytest.raises(ConfigError, match="not an irnn run"):
         RunDir.create(tmp_path, "odd")
     assert (tmp_path / "odd" / "metrics.jsonl").is_file()
     # --overwrite killed between setting the old run aside and moving the new one in: the old run comes back
     aside = tmp_path / f".kept.old.{dead}@{host}.3c4d"
     aside.mkdir()
     (aside / "config.json").write_text('{"old": 1}')
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(ConfigError, match="already exists"):
         RunDir.create(tmp_path, "kept")
     assert "put back" in capsys.readouterr().err
     assert json.loads((tmp_path / "kept" / "config.json").read_text()) == {"old": 1}
@@ -201,7 +205,20 @@ def test_leftovers_are_reused_or_restored_and_real_results_never_deleted(tmp_pat
     live = tmp_path / f".kept.new.{os.getppid()}@{host}.5e6f"
     live.mkdir()
     RunDir.create(tmp_path, "kept", overwrite=True).undo_create()
-    assert live.is_dir() and (tmp_path / "kept" / "config.json").is_file()
+    assert live.is_dir() and json.loads((tmp_path / "kept" / "config.json").read_text()) == {"old": 1}
+    # --overwrite: the old run is replaced only once the new folder has its config, then deleted
+    run = RunDir.create(tmp_path, "kept", overwrite=True)
+    (run.path / "config.json").write_text('{"new": 1}')
+    assert json.loads((tmp_path / "kept" / "config.json").read_text()) == {"old": 1}
+    run.commit_create()
+    assert json.loads((tmp_path / "kept" / "config.json").read_text()) == {"new": 1}
+    assert sorted(p.name for p in tmp_path.glob(".kept.*")) == [live.name]
+    # killed after the new run was in place but before the old one was deleted: the old one goes
+    aside.mkdir()
+    (aside / "config.json").write_text('{"old": 1}')
+    RunDir.create(tmp_path, "kept", overwrite=True).undo_create()
+    assert "removed" in capsys.readouterr().err and not aside.exists()
+    assert json.loads((tmp_path / "kept" / "config.json").read_text()) == {"new": 1}
 
 
 # -- item 3: a full disk, a read-only filesystem, no permission --------------------------------------------

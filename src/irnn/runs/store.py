@@ -186,14 +186,17 @@ def _hidden_name(name: str, kind: str) -> str:
     return f".{name}.{kind}.{os.getpid()}@{_host()}.{token}"
 
 
-def _owner_gone(folder: Path) -> bool:
-    """Whether the process that named this hidden folder is dead (only judged on this host)."""
-    m = re.search(r"\.(\d+)@([A-Za-z0-9.-]+)\.([0-9a-f]+)$", folder.name)
-    if not m or m.group(2) != _host():
+# .<name>.<new|old>.<pid>@<host>.<token>: a run folder being built, or one that --overwrite set aside
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9.-]+)\.(?P<token>[0-9a-f]+)$")
+
+
+def _owner_gone(m: re.Match) -> bool:
+    """Whether the process that named a hidden folder is dead (judged on its own host only)."""
+    if m["host"] != _host():
         return False
-    pid, token = int(m.group(1)), m.group(3)
+    pid = int(m["pid"])
     if pid == os.getpid():  # this process, or an earlier one that had the same pid (containers)
-        return token not in _MY_TOKENS
+        return m["token"] not in _MY_TOKENS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -231,25 +234,24 @@ def clean_leftovers(root: Path, name: str) -> None:
 
     A folder being built (``.<name>.new...``) whose process died is removed: it never holds more
     than ``config.json``. A run that ``--overwrite`` had set aside (``.<name>.old...``) is put back
-    when the kill came before its replacement was in place, and removed when it came after.
+    when the kill came before its replacement was in place, and removed once the replacement is a
+    run (anything else there: it is left alone).
     """
-    prefix = f".{name}."
     try:
-        found = [p for p in root.iterdir() if p.name.startswith(prefix)]
+        found = [(p, m) for p in root.iterdir() if (m := _HIDDEN.match(p.name)) and m["name"] == name]
     except OSError:
         return
-    for p in sorted(found):
-        kind = p.name[len(prefix):].split(".", 1)[0]
-        if kind not in ("new", "old") or not _owner_gone(p):
+    for p, m in sorted(found, key=lambda pm: pm[0].name):
+        if not _owner_gone(m):
             continue
         target = root / name
-        if kind == "new":
+        if m["kind"] == "new":
             _remove(p)
             note(f"removed {p}, a run folder whose start-up was cut short")
-        elif target.exists() or target.is_symlink():
+        elif (target / CONFIG).is_file():
             _remove(p)
             note(f"removed {p}, the run that --overwrite replaced (its replacement had started)")
-        else:
+        elif not (target.exists() or target.is_symlink()):
             os.replace(p, target)
             note(f"put back {target}: the --overwrite that replaced it was stopped before the new run started")
 
