@@ -552,7 +552,8 @@ def _train(sweep: Sweep, names: list[str], progress: bool) -> None:
         for n in names:
             if n not in settled:
                 o = outcome(n)
-                settled[n] = o if o["state"] in FINISHED else {"state": "pending", "note": "interrupted"}
+                why = "stopped: a file could not be written" if storage_failed else "interrupted"
+                settled[n] = o if o["state"] in FINISHED else {"state": "pending", "note": why}
         try:
             sweep.update_index(settled)
         except WriteError:
