@@ -14,10 +14,7 @@ import json
 import os
 import random
 import shlex
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -187,7 +187,8 @@ def _hidden_name(name: str, kind: str) -> str:
 
 
 # .<name>.<new|old>.<pid>@<host>.<token>: a run folder being built, or one that --overwrite set aside
-_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9.-]+)\.(?P<token>[0-9a-f]+)$")
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9.-]+)"
+                     r"\.(?P<token>[0-9a-f]+)$")
 
 
 def _owner_gone(m: re.Match) -> bool:
