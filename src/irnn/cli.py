@@ -7,7 +7,9 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import shlex
 import signal
 import sys
 from dataclasses import MISSING, fields
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 from .config import PRESETS, Config, ConfigError, field_types, from_dict, load_file
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 # Fields that may change when a run is resumed: they do not alter its trajectory.
 RESUMABLE_OVERRIDES = {"quiet", "device", "threads", "steps", "epochs", "track"}
 
@@ -196,6 +199,26 @@ def _add_experiment_commands(sub) -> None:
     exp_cli.add_commands(sub, add_config_options)
 
 
+def storage_error_line(e: OSError, then: str) -> str | None:
+    """One line for a file the OS refused to write (disk full, read-only, no permission): the file,
+    the cause, and ``then``, the command that continues; None for any other error (a bug: traceback)."""
+    from .runs.store import STORAGE_ERRNOS, WriteError
+
+    if not isinstance(e, WriteError) and e.errno not in STORAGE_ERRNOS:
+        return None
+    what = "cannot write " if isinstance(e, WriteError) else ""
+    where = f"{what}{e.filename}: " if e.filename else what
+    cause = e.strerror or str(e)
+    fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EROFS: "make that filesystem writable",
+           errno.EACCES: "allow writing there", errno.EPERM: "allow writing there"}.get(e.errno, "fix this")
+    return f"irnn: {where}{cause}; {fix}, then continue with: {then}"
+
+
+def command_line(argv: Sequence[str], *, drop: Sequence[str] = ()) -> str:
+    """``irnn ARGV`` as a shell command, without the flags in ``drop``."""
+    return "irnn " + " ".join(shlex.quote(a) for a in argv if a not in drop)
+
+
 def _terminate(signum, frame) -> None:
     """SIGTERM (cluster schedulers, `kill`) stops training like Ctrl-C: summary saved, run resumable."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
@@ -208,11 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
         previous = None
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
             parser.print_help()
             return EXIT_USAGE
+        args.argv = argv  # to say how to continue after an error
         return int(args.func(args) or 0)
     except (UsageError, ConfigError) as e:
         print(f"{e}" if str(e).startswith(("irnn:", "irnn ")) else f"irnn: error: {e}", file=sys.stderr)
@@ -221,6 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Interrupted (from the training loop) names the step and the run to resume.
         print(f"irnn: interrupted by {e}" if str(e) else "irnn: interrupted by SIGINT", file=sys.stderr)
         return 143 if str(e).startswith("SIGTERM") else 130
+    except OSError as e:
+        # A started run continues with --resume; anything else (a new run that could not start) is
+        # the same command again.
+        run = getattr(e, "run", None)
+        line = storage_error_line(e, f"irnn train --resume {shlex.quote(str(run))}" if run else command_line(argv))
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

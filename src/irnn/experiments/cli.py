@@ -46,6 +46,15 @@ def _interruptible(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
+        except OSError as e:
+            from ..cli import EXIT_FAILED, command_line, storage_error_line
+
+            # The same command resumes a sweep or study (without --overwrite, which would delete its progress).
+            line = storage_error_line(e, command_line(getattr(args, "argv", sys.argv[1:]), drop=("--overwrite",)))
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            return EXIT_FAILED
         except KeyboardInterrupt as e:
             by = "SIGTERM" if str(e).startswith("SIGTERM") or getattr(e, "signal_name", None) == "SIGTERM" else "SIGINT"
             print(f"irnn: interrupted by {by}; run the same command again to resume (finished members are kept, "

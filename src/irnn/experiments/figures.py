@@ -9,10 +9,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..runs.store import write_error
 from .aggregate import MODEL_NAMES, Member, SettingStats, panel_title
 
 COLORS = {"irnn": "#d62728", "lstm": "#1f77b4", "rnn-relu": "#2ca02c", "rnn-tanh": "#ff7f0e", "gru": "#9467bd"}
@@ -30,15 +32,24 @@ def _plt():
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext in ("png", "svg"):
-        p = out_dir / f"{stem}.{ext}"
-        tmp = out_dir / f".{stem}.tmp.{ext}"
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=ext)
-        tmp.replace(p)
-        paths.append(p)
-    _plt().close(fig)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "svg"):
+            p = out_dir / f"{stem}.{ext}"
+            tmp = out_dir / f".{stem}.tmp.{ext}"
+            try:
+                fig.savefig(tmp, dpi=130, bbox_inches="tight", format=ext)
+                tmp.replace(p)
+            except OSError as e:  # a full disk, say: the old figure stays, no half-written one is left
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise write_error(e, p) from None
+            paths.append(p)
+    except OSError as e:
+        raise write_error(e, out_dir) from None
+    finally:
+        _plt().close(fig)
     return paths
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from ..config import Config, ConfigError, from_dict, load_file
-from ..runs.store import RunDir, atomic_write_json, model_label, read_json, writable_dir
+from ..runs.store import RunDir, WriteError, atomic_write_json, model_label, read_json, writable_dir
 
 SPEC_FILE, INDEX_FILE, INDEX_LOCK, SPEC_LOCK = "sweep.json", "index.json", "index.lock", "sweep.lock"
 MEMBERS_DIR, LOCKS_DIR = "members", "locks"
@@ -518,10 +518,15 @@ def _train(sweep: Sweep, names: list[str], progress: bool) -> None:
     sweep.update_index({n: {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
                             "error": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S")} for n in names})
     settled: dict[str, dict[str, Any]] = {}
+    storage_failed = False
     try:
         try:
             train_many([sweep.config(n) for n in names], [sweep.member_dir(n) for n in names],
                        group=sweep.name, progress=progress)
+        except WriteError:
+            # The storage refused (disk full...), not the member: stop; the same command continues.
+            storage_failed = True
+            raise
         except Exception as e:  # noqa: BLE001 - a member's failure is data, not a crash
             if len(names) == 1:
                 settled[names[0]] = {"state": "failed", "error": _error_line(e)}
@@ -531,6 +536,9 @@ def _train(sweep: Sweep, names: list[str], progress: bool) -> None:
                         continue
                     try:
                         train_many([sweep.config(n)], [sweep.member_dir(n)], group=sweep.name, progress=progress)
+                    except WriteError:
+                        storage_failed = True
+                        raise
                     except Exception as e1:  # noqa: BLE001
                         settled[n] = {"state": "failed", "error": _error_line(e1)}
         for n in names:
@@ -544,8 +552,13 @@ def _train(sweep: Sweep, names: list[str], progress: bool) -> None:
         for n in names:
             if n not in settled:
                 o = outcome(n)
-                settled[n] = o if o["state"] in FINISHED else {"state": "pending", "note": "interrupted"}
-        sweep.update_index(settled)
+                why = "stopped: a file could not be written" if storage_failed else "interrupted"
+                settled[n] = o if o["state"] in FINISHED else {"state": "pending", "note": why}
+        try:
+            sweep.update_index(settled)
+        except WriteError:
+            if not storage_failed:
+                raise  # else the error that stopped training says it better (the index is repaired on resume)
 
 
 def run_member(sweep_dir: str | os.PathLike, name: str, *, progress: bool = False, wait: bool = False) -> dict[str, Any]:
@@ -680,6 +693,9 @@ def _worker_main(sweep_dir: str, names: Optional[list[str]], env: dict[str, Any]
         work_loop(sweep, names, report=(lambda n, e: _echo_line(sweep, n, e)) if echo else None, group_seeds=False)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the main process reports it
         sys.exit(130)
+    except WriteError as e:  # one line; the main process says how to continue
+        print(f"irnn: worker {os.getpid()}: cannot write {e.filename}: {e.strerror}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _spawn_workers(sweep: Sweep, names: Optional[list[str]], count: int, echo: bool) -> list[subprocess.Popen]:

@@ -8,14 +8,24 @@ A run folder holds::
     checkpoints/     ckpt-<step>.pt (the last K) and best.pt: state_dicts, RNG states, guard state
 
 Every file except the append-only metrics log is written atomically
-(temporary file, flush, fsync, rename).
+(temporary file, flush, fsync, rename); an append that fails is cut back to the last whole
+line. A new run folder is built under a hidden name (``.<name>.new.<pid>@<host>.<token>``) and
+renamed into place once its ``config.json`` is written, so ``<name>`` is always a resumable run.
+A write that fails (disk full, read-only, no permission) raises :class:`WriteError`, which
+names the file.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,21 +39,48 @@ CONFIG, METRICS, SUMMARY, CKPT_DIR = "config.json", "metrics.jsonl", "summary.js
 WALL_CLOCK_KEYS = ("time_s", "samples_per_s", "wall_time_s")
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only filesystem, no permission...).
+
+    ``filename`` is the file that was being written (not its temporary name), ``strerror`` the
+    cause. ``run`` is set to the run folder once training has started, so that the command line
+    can say how to continue it.
+    """
+
+    run: Path | None = None
+
+
+# The errors that say "the storage refused", as opposed to a bug.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def write_error(e: OSError, path: str | Path) -> WriteError:
+    """``e`` as a :class:`WriteError` that names ``path``."""
+    if isinstance(e, WriteError):
+        return e
+    return WriteError(e.errno, e.strerror or str(e), str(path))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix."""
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix.
+
+    Raises :class:`WriteError` (the old file intact, no temporary file left) when it cannot.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from None
         raise
     _fsync_dir(path.parent)
 
@@ -131,13 +168,103 @@ def writable_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+def note(line: str) -> None:
+    """One line for the person running this, on stderr."""
+    print(f"irnn: {line}", file=sys.stderr, flush=True)
+
+
+_MY_TOKENS: set[str] = set()  # the hidden folders this process is building (same pid, so alive)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _hidden_name(name: str, kind: str) -> str:
+    token = f"{time.time_ns():x}"
+    _MY_TOKENS.add(token)
+    return f".{name}.{kind}.{os.getpid()}@{_host()}.{token}"
+
+
+# .<name>.<new|old>.<pid>@<host>.<token>: a run folder being built, or one that --overwrite set aside
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9.-]+)"
+                     r"\.(?P<token>[0-9a-f]+)$")
+
+
+def _owner_gone(m: re.Match) -> bool:
+    """Whether the process that named a hidden folder is dead (judged on its own host only)."""
+    if m["host"] != _host():
+        return False
+    pid = int(m["pid"])
+    if pid == os.getpid():  # this process, or an earlier one that had the same pid (containers)
+        return m["token"] not in _MY_TOKENS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:  # a killed child that nobody has reaped yet still answers kill(0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def holds_no_run(path: Path) -> bool:
+    """A folder with no files but temporary ones: what a start-up cut short by a kill leaves
+    (an older irnn made the run folder and ``checkpoints/`` before ``config.json``)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    for sub, dirs, files in os.walk(path):
+        if any(Path(sub, d).is_symlink() for d in dirs):
+            return False
+        if any(not (f.startswith(".") and f.endswith(".tmp")) for f in files):
+            return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_leftovers(root: Path, name: str) -> None:
+    """Tidy what a kill during the start-up of run ``root/name`` can leave, saying so in one line each.
+
+    A folder being built (``.<name>.new...``) whose process died is removed: it never holds more
+    than ``config.json``. A run that ``--overwrite`` had set aside (``.<name>.old...``) is put back
+    when the kill came before its replacement was in place, and removed once the replacement is a
+    run (anything else there: it is left alone).
+    """
+    try:
+        found = [(p, m) for p in root.iterdir() if (m := _HIDDEN.match(p.name)) and m["name"] == name]
+    except OSError:
+        return
+    for p, m in sorted(found, key=lambda pm: pm[0].name):
+        if not _owner_gone(m):
+            continue
+        target = root / name
+        if m["kind"] == "new":
+            _remove(p)
+            note(f"removed {p}, a run folder whose start-up was cut short")
+        elif (target / CONFIG).is_file():
+            _remove(p)
+            note(f"removed {p}, the run that --overwrite replaced (its replacement had started)")
+        elif not (target.exists() or target.is_symlink()):
+            os.replace(p, target)
+            note(f"put back {target}: the --overwrite that replaced it was stopped before the new run started")
+
+
 @dataclass
 class RunDir:
     """One run's folder and its files."""
 
     path: Path
-    # the folder that --overwrite moved aside, until the new run has started
-    replaced: Path | None = None
+    # create(): where commit_create() moves the folder, and whether it may replace a run there
+    final: Path | None = None
+    overwrite: bool = False
 
     @property
     def config_path(self) -> Path:
@@ -158,49 +285,70 @@ class RunDir:
     # -- creation -------------------------------------------------------------
     @classmethod
     def create(cls, root: str | Path, name: str, *, overwrite: bool = False) -> "RunDir":
-        """Make a fresh run folder; refuses an existing one unless ``overwrite``."""
+        """A new run folder, built under a hidden name until :meth:`commit_create` moves it to ``root/name``.
+
+        Refuses an existing run unless ``overwrite`` (the old run is kept until the new one is in
+        place). A folder that holds no run (:func:`holds_no_run`) is reused, and the leftovers of a
+        start-up cut short are tidied (:func:`clean_leftovers`); each says so in one line.
+        """
         root = writable_dir(root, "runs folder")
         path = root / name
-        replaced = None
+        clean_leftovers(root, name)
         if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise ConfigError(f"run folder {str(path)!r} already exists; use --resume {path} to continue it, "
-                                  f"--overwrite to replace it, or another --name")
-            # Moved aside, not deleted: the caller deletes it once the new run has really started
-            # (commit_overwrite) and puts it back if the new run fails to start (undo_create).
-            replaced = path.with_name(f".{name}.replaced-{os.getpid()}-{time.time_ns()}")
-            try:
-                os.replace(path, replaced)
-            except OSError as e:
-                raise ConfigError(f"cannot replace {str(path)!r}: {e.strerror}") from None
+            if holds_no_run(path):
+                _remove(path)
+                note(f"reusing {path}: it held no run (a start-up cut short)")
+            elif not overwrite:
+                if (path / CONFIG).is_file():
+                    raise ConfigError(f"run folder {str(path)!r} already exists; use --resume {path} to continue it, "
+                                      f"--overwrite to replace it, or another --name")
+                raise ConfigError(f"{str(path)!r} already exists and is not an irnn run (no {CONFIG}); "
+                                  f"use --overwrite to replace it, or another --name")
+        tmp = root / _hidden_name(name, "new")
         try:
-            path.mkdir(parents=True)
-            (path / CKPT_DIR).mkdir()
+            tmp.mkdir()
+            (tmp / CKPT_DIR).mkdir()
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(e, tmp) from None
+        return cls(tmp, final=path, overwrite=overwrite)
+
+    def commit_create(self) -> None:
+        """Move the folder that :meth:`create` built into place (its ``config.json`` written by now).
+
+        A run it replaces (``--overwrite``) is set aside first and deleted once the new folder is in.
+        """
+        final = self.final
+        if final is None:
+            return
+        replaced = None
+        if final.exists() or final.is_symlink():
+            if holds_no_run(final):
+                _remove(final)
+            elif not self.overwrite:  # made meanwhile by another process
+                raise ConfigError(f"run folder {str(final)!r} already exists; use --resume {final} to continue it, "
+                                  f"--overwrite to replace it, or another --name")
+            else:
+                replaced = final.with_name(_hidden_name(final.name, "old"))
+                try:
+                    os.replace(final, replaced)
+                except OSError as e:
+                    raise ConfigError(f"cannot replace {str(final)!r}: {e.strerror}") from None
+        try:
+            os.rename(self.path, final)
         except OSError as e:
             if replaced is not None:
-                os.replace(replaced, path)
-            raise ConfigError(f"cannot create run folder {str(path)!r}: {e.strerror}") from None
-        return cls(path, replaced)
-
-    def commit_overwrite(self) -> None:
-        """Delete the run folder that ``create(overwrite=True)`` replaced."""
-        if self.replaced is not None:
-            import shutil
-
-            if self.replaced.is_dir() and not self.replaced.is_symlink():
-                shutil.rmtree(self.replaced, ignore_errors=True)
-            else:
-                self.replaced.unlink(missing_ok=True)
-            self.replaced = None
+                os.replace(replaced, final)
+            raise write_error(e, final) from None
+        self.path, self.final = final, None
+        _fsync_dir(final.parent)
+        if replaced is not None:
+            _remove(replaced)
 
     def undo_create(self) -> None:
-        """Remove a just-created folder in which nothing was trained, restoring any replaced one."""
-        import shutil
-
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self.replaced is not None:
-            os.replace(self.replaced, self.path)
-            self.replaced = None
+        """Remove the folder that :meth:`create` built, when its run could not start."""
+        if self.final is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
@@ -211,6 +359,10 @@ class RunDir:
         if not path.is_dir():
             raise ConfigError(f"{str(path)!r} is not an irnn run folder (not a folder)")
         if not (path / CONFIG).is_file():
+            if holds_no_run(path):
+                raise ConfigError(f"{str(path)!r} is not an irnn run folder (no {CONFIG}): it is empty, as a start-up "
+                                  f"cut short leaves it; run the command that made it again without --resume, "
+                                  f"which reuses the folder")
             raise ConfigError(f"{str(path)!r} is not an irnn run folder (no {CONFIG})")
         return cls(path)
 
@@ -301,17 +453,34 @@ def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log, flushed (and fsync'd) after every write."""
+    """Append-only JSON-lines log, fsync'd after every line.
+
+    A line that cannot be written whole (disk full) is cut off again, so that the file ends
+    with a whole line; then :class:`WriteError` is raised. Should even that fail, readers skip
+    the torn line and a resume rewrites the file without it (:meth:`RunDir.truncate_metrics`).
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8")
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(e, path) from None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(dumps(record) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        assert self._fd is not None, "the metrics log is closed"
+        data = memoryview((dumps(record) + "\n").encode())
+        size = os.fstat(self._fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise write_error(e, self.path) from None
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

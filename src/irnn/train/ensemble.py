@@ -16,6 +16,7 @@ import torch
 from ..config import Config
 from ..engine.ensemble import StackedStep, stackable
 from ..models import RNN_KINDS
+from ..runs.store import WriteError
 from .loop import Interrupted, Run, Trainer, open_trainer, train
 
 MAX_ENSEMBLE = 16
@@ -132,6 +133,8 @@ def fit_together(trainers: list[Trainer], progress: bool = False) -> list[Run]:
                 before = t.state.step
                 try:
                     ok = t.after_chunk(losses_h[k], norms_h[k], lr)
+                except WriteError:
+                    raise  # the storage refused (disk full...): it would refuse the others too
                 except Exception as e:  # noqa: BLE001 - one member's failure must not stop the others
                     runs[id(t)] = t.end("failed", f"{type(e).__name__}: {e}")
                     continue

@@ -27,7 +27,7 @@ from ..config import Config, ConfigError, from_dict
 from ..engine import make_forward, make_train_step, resolve_engine
 from ..models import build_model
 from ..runs import checkpoint as ckpt
-from ..runs.store import MetricsLog, RunDir, default_run_name, git_revision, model_label
+from ..runs.store import MetricsLog, RunDir, WriteError, default_run_name, git_revision, model_label
 from ..runs.trackers import Tracker, check_trackers, finish_trackers, make_trackers
 from ..tasks import Task, make_task
 from .guard import DivergenceGuard
@@ -324,15 +324,28 @@ class Trainer:
     def end(self, status: str, reason: str | None = None) -> Run:
         """Close the run: final summary, trackers, log."""
         self.bar.close()
-        summary = self._write_summary(status, reason)
         try:
+            summary = self._write_summary(status, reason)
             finish_trackers(self.trackers, self.run.path, summary)
+        except OSError:
+            if status != "failed":
+                raise
+            # The error that failed the run (a full disk, say) is on its way up; this one would hide it.
+            summary = {"status": status, "reason": reason}
         finally:
             self.log.close()
         return Run(self.run.path, self.cfg, summary)
 
     def fit(self) -> Run:
-        done = self.begin()
+        try:
+            done = self.begin()
+        except WriteError as e:  # the first checkpoint or summary: say so where the disk still allows
+            e.run = e.run or self.run.path
+            try:
+                self._write_summary("failed", f"{type(e).__name__}: {e}")
+            except OSError:
+                pass
+            raise
         if done is not None:
             return done
         status, reason = "running", None
@@ -349,6 +362,8 @@ class Trainer:
             raise Interrupted(self.run.path, self.state.step, reason) from None
         except BaseException as e:
             status, reason = "failed", f"{type(e).__name__}: {e}"
+            if isinstance(e, WriteError) and e.run is None:
+                e.run = self.run.path  # the command line names the run to continue
             raise
         finally:
             run = self.end(status, reason)
@@ -486,12 +501,12 @@ def open_trainer(cfg: Config | None = None, *, resume: str | Path | None = None,
         run = RunDir.create(cfg.out, cfg.name or default_run_name(cfg), overwrite=overwrite)
     try:
         trainer = Trainer(cfg, run, resume=False, group=group, progress=progress, on_record=on_record)
+        # config.json is written: only now does the folder get its name (and replace an --overwrite'n run)
+        run.commit_create()
     except BaseException:
-        # Nothing was trained: leave no empty folder that blocks the name, and give back the
-        # run that --overwrite was about to replace.
+        # Nothing was trained: leave no folder that blocks the name; a replaced run stays as it was.
         run.undo_create()
         raise
-    run.commit_overwrite()
     return trainer
 
 
