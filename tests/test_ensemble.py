@@ -129,3 +129,37 @@ def test_cpu_stacks_stay_within_the_cache_budget():
     else:
         assert [len(g) for g in groups] == [1, 1, 1, 1, 16, 3] and sorted(i for g in groups for i in g) == list(range(23))
     assert all(len(g) == 1 for g in plan(cfgs, ensemble=False))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stacked_member_is_bitwise_the_run_alone(threads):
+    # float32 as in training, Adam fused as make_optimizer builds it, clipping active for some members:
+    # every loss, norm and parameter of every step equals the member trained alone, on 1 or 2 threads.
+    if not fused.available():
+        pytest.skip("the fused C++ engine is unavailable (IRNN_NO_EXTENSION)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seeds, clips = [0, 1, 2], [0.05, 1.0, 100.0]
+        tasks = [make_adding(30, train_size=128, test_size=8, seed=s) for s in seeds]
+        alone = [_member("irnn", s, 1.0, torch.float32) for s in seeds]
+        stacked = [_member("irnn", s, 1.0, torch.float32) for s in seeds]
+        make_opt = lambda m: torch.optim.Adam(m.parameters(), lr=3e-3, fused=True)  # noqa: E731
+        steps = [TrainStep(make_forward(m, "fused"), t.loss_fn, list(m.parameters()), make_opt(m), c)
+                 for m, t, c in zip(alone, tasks, clips)]
+        opts = [make_opt(m) for m in stacked]
+        step = StackedStep(tasks[0].loss_fn)
+        clipped = 0
+        for i in range(25):
+            batches = [t.batch(i, 16, s) for t, s in zip(tasks, seeds)]
+            losses, norms = step(stacked, opts, clips, torch.stack([b[0] for b in batches]),
+                                 torch.stack([b[1] for b in batches]))
+            for k, (one, b) in enumerate(zip(steps, batches)):
+                loss_k, norm_k = one(*b)
+                assert torch.equal(losses[k], loss_k) and torch.equal(norms[k], norm_k), (i, k)
+                clipped += bool(norm_k > clips[k])
+            for a, b in zip(alone, stacked):
+                assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), i
+        assert clipped > 0
+    finally:
+        torch.set_num_threads(before)

@@ -130,3 +130,44 @@ def test_missing_ray_is_one_line(tmp_path, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and lines == [f"irnn: error: {INSTALL_HINT}"]
     assert not any((tmp_path / "cli" / "members").glob("*/metrics.jsonl"))  # nothing trained
+
+
+def test_members_equal_across_backends_workers_threads_and_stacking(tmp_path, local_ray):
+    # The fused engine (stacked ensembles locally, members alone in Ray trials) under unequal thread counts:
+    # torch's 2 locally, 1 in each Ray trial (Ray sets OMP_NUM_THREADS=1), 3 for a plain run of one member.
+    import torch
+
+    from irnn.experiments import create, parse_spec, run_sweep, sweep
+
+    base = dict(seq_len=17, steps=80, eval_every=40, log_every=40, batch_size=8, train_size=512, test_size=64,
+                quiet=True)
+    grid = {"seed": [4, 5], "model": ["irnn", "rnn-tanh"]}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sweep(grid, name="loc", base=base, out=tmp_path)
+        sw = create(parse_spec({"name": "w2", "base": base, "grid": grid}), tmp_path)
+        run_sweep(sw, workers=2)
+    finally:
+        torch.set_num_threads(before)
+    ray_sw = create(parse_spec({"name": "ray", "base": base, "grid": grid}), tmp_path)
+    run_sweep(ray_sw, backend="ray")
+    loc = tmp_path / "loc" / "members"
+    names = sorted(p.name for p in loc.iterdir())
+    assert len(names) == 4
+    engines, threads = set(), set()
+    for sweep_name in ("w2", "ray"):
+        for n in names:
+            run = tmp_path / sweep_name / "members" / n
+            assert _metrics(run) == _metrics(loc / n), (sweep_name, n)
+            engines.add(json.loads((run / "summary.json").read_text())["engine"])
+            threads.add(json.loads((run / "config.json").read_text())["threads"])
+            assert json.loads((run / "config.json").read_text())["numerics"]["thread_count_independent"]
+    engines.update(json.loads((loc / n / "summary.json").read_text())["engine"] for n in names)
+    threads.update(json.loads((loc / n / "config.json").read_text())["threads"] for n in names)
+    member = json.loads((loc / names[0] / "config.json").read_text())["config"]
+    from irnn.train import train
+
+    alone = train(out_dir=tmp_path / "alone", **{**member, "threads": 3})
+    assert _metrics(alone.path) == _metrics(loc / names[0])
+    assert "ensemble-fused" in engines and "fused" in engines and {1, 2} <= threads, (engines, threads)

@@ -42,6 +42,21 @@ def resolve_engine(engine: str, model: RecurrentModel, device: torch.device, opt
     return engine
 
 
+def numerics(engine: str) -> dict:
+    """What a run's numbers depend on besides its config and seed (recorded in ``config.json``).
+
+    The fused CPU engine (alone or stacked) gives bitwise the same numbers for any thread count, so they
+    depend on the instruction set its kernel runs (summation order of the vector code) and the torch
+    build. The eager ``torch`` engine on the CPU uses MKL, whose long reductions follow the thread count;
+    CUDA paths follow the GPU and its libraries.
+    """
+    if engine in ("fused", "ensemble-fused"):
+        from . import fused
+
+        return {"isa": fused.isa_name(), "thread_count_independent": True}
+    return {"thread_count_independent": False}
+
+
 def make_forward(model: RecurrentModel, engine: str) -> Forward:
     """``x [B, T, I] -> pred [B, out]`` for a resolved engine (``cuda-graph`` evaluates eagerly)."""
     if engine == "fused":

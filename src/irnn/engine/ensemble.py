@@ -4,9 +4,10 @@ Each member keeps its own ``nn.Module`` and its own optimiser, so its
 state_dicts, checkpoints and trajectory are those of training it alone. Only
 the arithmetic is shared: the members' weights are stacked ``[N, ...]`` for
 the forward and backward pass (the fused engine's stacked time loop on the
-CPU), and gradient clipping is done per member with a handful of vectorised
-ops. Gradients flow back through ``torch.stack`` into each member's own
-parameters.
+CPU). The readout, the loss and gradient clipping run per member with the very
+calls a member makes alone, so each member's numbers are bitwise those of training
+it alone (the fused engine gives a stacked model what it gives it alone). Gradients
+flow back through ``torch.stack`` into each member's own parameters.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def stackable(models: list[RecurrentModel]) -> bool:
                [(n, p.shape, p.dtype, p.device) for n, p in m.named_parameters()] == shape for m in models)
 
 
-def stacked_forward(models: list[RecurrentModel], x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """``x [N, B, T, I] -> pred [N, B, out]`` for N stackable models.
+def stacked_forward(models: list[RecurrentModel], x: torch.Tensor, impl: str = "auto") -> list[torch.Tensor]:
+    """``x [N, B, T, I] -> [pred [B, out]] * N`` for N stackable models.
 
     The time loop runs in the fused C++ engine on the CPU and in the Triton kernel
     (one program per model, fp32-grade ``tf32x3``) on CUDA.
@@ -52,26 +53,14 @@ def stacked_forward(models: list[RecurrentModel], x: torch.Tensor, impl: str = "
              for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         # [N, B, T, H]; the last layer only its last state [N, B, H]
         h = layer(h, *w, nonlinearity=first.nonlinearity, last_only=l == first.num_layers - 1)
-    w_out = torch.stack([m.readout.weight for m in models])  # [N, out, H]
-    b_out = torch.stack([m.readout.bias for m in models])  # [N, out]
-    return torch.baddbmm(b_out.unsqueeze(1), h, w_out.transpose(1, 2))  # [N, B, out]
+    # Each member's own readout on its [B, H] (as alone: one baddbmm for all rounds differently)
+    return [m.readout(h[k]) for k, m in enumerate(models)]
 
 
 def clip_per_member(params: list[list[nn.Parameter]], max_norms: list[float]) -> torch.Tensor:
-    """``clip_grad_norm_`` for each member at once; returns the norms before clipping, ``[N]``.
-
-    Same arithmetic as ``torch.nn.utils.clip_grad_norm_``: the total norm is the
-    norm of the per-tensor norms, and grads are scaled by
-    ``min(1, max_norm / (norm + 1e-6))``.
-    """
-    counts = [len(p) for p in params]
-    grads = [p.grad for group in params for p in group]
-    per_tensor = torch.stack(torch._foreach_norm(grads))  # [sum of counts]
-    totals = torch.stack([torch.linalg.vector_norm(chunk) for chunk in per_tensor.split(counts)])  # [N]
-    limits = torch.tensor(max_norms, dtype=totals.dtype, device=totals.device)
-    coef = (limits / (totals + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(coef.repeat_interleave(torch.tensor(counts, device=coef.device)).unbind()))
-    return totals
+    """``clip_grad_norm_`` for each member, with the arithmetic of a member trained alone
+    (:func:`irnn.engine.update.clip_grad_norm`); returns the norms before clipping, ``[N]``."""
+    return torch.stack([update.clip_grad_norm(group, limit) for group, limit in zip(params, max_norms)])
 
 
 class StackedStep:
@@ -92,8 +81,8 @@ class StackedStep:
         for group in params:
             for p in group:
                 p.grad = None
-        pred = stacked_forward(models, x, self.impl)
-        losses = torch.stack([self.loss_fn(pred[k], y[k]) for k in range(len(models))])
+        preds = stacked_forward(models, x, self.impl)
+        losses = torch.stack([self.loss_fn(pred, y[k]) for k, pred in enumerate(preds)])
         losses.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
         norms = clip_per_member(params, clip_norms)
         update.adam_steps(optimizers)  # members with equal Adam hyperparameters in one kernel call

@@ -93,6 +93,13 @@ def _isa() -> int:
     return _ISA[name]
 
 
+def isa_name() -> str:
+    """The instruction set the C++ kernel runs with here (``IRNN_FUSED_ISA`` resolved against the CPU)."""
+    best = {v: k for k, v in _ISA.items()}[_load().best_isa()] if available() else "none"
+    requested = os.environ.get("IRNN_FUSED_ISA", "auto").lower()
+    return best if requested == "auto" else requested
+
+
 def _gemm_dw() -> bool:
     """``IRNN_FUSED_DW`` = auto (default: dW_hh summed inside the backward time loop where it can be) or
     gemm (always one GEMM over all steps after the loop), for tests and benchmarks."""
@@ -106,9 +113,11 @@ def _gemm_dw() -> bool:
 # 20 us) to be worth a thread of its own.
 _MIN_SLICE_WORK = 2_000_000
 # At most this many groups per model, of at least _MIN_GROUP_ROWS rows (the AVX-512 kernel's register
-# blocking). Measured at T=150, H=100 on one thread (2026-12-02, Intel Xeon): 2 or 4 groups ran as fast as
-# one (1.61 vs 1.60 ms at B=16, 2.37 / 2.21 vs 2.36 ms at B=32), so a fixed split costs one thread nothing.
-_MAX_GROUPS, _MIN_GROUP_ROWS = 4, 8
+# blocking). Two groups run as fast as one on one thread (T=150, H=100, Intel Xeon, 2026-12-02: 1.61 vs
+# 1.60 ms a step at B=16, 2.37 vs 2.36 at B=32), and they are what two threads took before the split was
+# fixed, so results became thread-count independent at no cost on these 2-core machines
+# (benchmarks/bench_threads.py). A single model gains little from more threads at these sizes anyway.
+_MAX_GROUPS, _MIN_GROUP_ROWS = 2, 8
 
 
 def _groups(x: torch.Tensor, w_hh: torch.Tensor) -> int:

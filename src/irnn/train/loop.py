@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, from_dict
-from ..engine import make_forward, make_train_step, resolve_engine
+from ..engine import make_forward, make_train_step, numerics, resolve_engine
 from ..models import build_model
 from ..runs import checkpoint as ckpt
 from ..runs.store import MetricsLog, RunDir, WriteError, default_run_name, git_revision, model_label
@@ -180,7 +180,7 @@ class Trainer:
 
     def _write_config(self) -> None:
         self.run.write_config(self.cfg, versions=self.versions, device=str(self.device), engine=self.engine,
-                              threads=torch.get_num_threads(), host=platform.node(), argv=sys.argv,
+                              threads=torch.get_num_threads(), numerics=numerics(self.engine), host=platform.node(), argv=sys.argv,
                               task={"name": self.task.name, "seq_len": self.task.seq_len,
                                     "baseline": self.task.baseline, "primary_metric": self.task.primary_metric,
                                     **(self.task.extra or {})},
