@@ -84,17 +84,17 @@ def _isa() -> int:
 class _CppGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, gru: bool, last_only: bool = False):
-        out, act, cell = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, True, _isa())
-        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, out, act, cell)
+        out, act, state = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, True, _isa())
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, act, state)
         ctx.gru = gru
         return out.select(-2, -1).clone() if last_only else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w_ih, w_hh, b_ih, b_hh, out, act, cell = ctx.saved_tensors
+        x, w_ih, w_hh, b_ih, b_hh, act, state = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw_ih, dw_hh, db_ih, db_hh = _ops.backward(grad_out, x, w_ih, w_hh, b_ih, b_hh, out, act, cell, ctx.gru,
+        dx, dw_ih, dw_hh, db_ih, db_hh = _ops.backward(grad_out, x, w_ih, w_hh, b_ih, b_hh, act, state, ctx.gru,
                                                        need[0], _isa())
         return (dx if need[0] else None, dw_ih if need[1] else None, dw_hh if need[2] else None,
                 db_ih if need[3] else None, db_hh if need[4] else None, None, None)

@@ -28,8 +28,9 @@
 // Kernels compiled three times (AVX-512, AVX2+FMA, baseline) through target attributes, picked at run time.
 //
 // Layouts (N = stacked models), batch first: x [N,B,T,I], w_ih [N,gH,I], w_hh [N,gH,H], b_* [N,gH] with
-// gH = 4H (LSTM) or 3H (GRU); out [N,B,T,H]; saved act [N,B,T,4H] (LSTM: i f g o after their
-// nonlinearities; GRU: r z n and hn = h_{t-1} W_hn^T + b_hn); saved cell [N,B,T,H] (LSTM: c_t).
+// gH = 4H (LSTM) or 3H (GRU); out [N,B,T,H]. Saved for the backward, time-major: act [N,T,B,4H] (LSTM:
+// i f g o after their nonlinearities; GRU: r z n and hn = h_{t-1} W_hn^T + b_hn) and state [N,T,B,SH]
+// (LSTM: c_t and h_t; GRU: h_t).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -46,7 +47,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define IRNN_X86 1
-#include <xmmintrin.h>
+#include <immintrin.h>
 #else
 #define IRNN_X86 0
 #endif
@@ -86,12 +87,23 @@ struct Simd {
   static IRNN_INLINE vec load_n(const T* p, int64_t m) {
     if (m >= L) return load(p);
     vec v = zero();
-    std::memcpy(&v, p, m * sizeof(T));
+    for (int64_t l = 0; l < m; ++l) v[l] = p[l];  // lane by lane: a memcpy of run-time length is a call
     return v;
   }
   static IRNN_INLINE void store_n(T* p, vec v, int64_t m) {
     if (m >= L) return store(p, v);
-    std::memcpy(p, &v, m * sizeof(T));
+    for (int64_t l = 0; l < m; ++l) p[l] = v[l];
+  }
+  // 1 / d. AVX-512 float: the 14-bit vrcp14ps estimate and one Newton step (within ~1 ulp; a vdivps
+  // per sigmoid was a fifth of the forward's time); elsewhere a division.
+  static IRNN_INLINE vec recip(vec d) {
+#if IRNN_X86
+    if constexpr (VB == 64 && std::is_same<T, float>::value) {
+      const vec r = (vec)__builtin_ia32_rcp14ps512_mask(d, zero(), (unsigned short)0xFFFF);
+      return r + r * (splat(T(1)) - d * r);
+    }
+#endif
+    return splat(T(1)) / d;
   }
 
   // exp(x) for x clamped to the finite range: x = n ln2 + r, |r| <= ln2/2, e^r by a Taylor polynomial
@@ -117,34 +129,39 @@ struct Simd {
     const ivec e = (__builtin_convertvector(n, ivec) + (f32 ? 127 : 1023)) << (f32 ? 23 : 52);
     return p * (vec)e;
   }
-  static IRNN_INLINE vec sigmoid(vec x) { return splat(T(1)) / (splat(T(1)) + exp(-x)); }
-  static IRNN_INLINE vec tanh(vec x) { return splat(T(1)) - splat(T(2)) / (splat(T(1)) + exp(x + x)); }
+  static IRNN_INLINE vec sigmoid(vec x) { return recip(splat(T(1)) + exp(-x)); }
+  static IRNN_INLINE vec tanh(vec x) { return splat(T(1)) - splat(T(2)) * recip(splat(T(1)) + exp(x + x)); }
 };
 
 // ------------------------------------------------------------------------------------------------
 // The micro-kernel: for r < RB, c < CB vectors:
-//   C[r*ldc + c*L ...] = (Acc ? C[...] : 0) + sum_{k < K} A[r*lda + k*ks] * M[k*ldm + c*L ...]
-// in k order. RB x CB accumulators stay in registers; each k loads CB vectors of M and broadcasts RB
-// scalars of A. (lda, ks) let A be row-major (lda = row stride, ks = 1) or read transposed (lda = 1).
-template <typename T, int VB, int RB, int CB, bool Acc>
+//   C[r*ldc + c*L ...] = (Acc ? C[...] : 0) + sum_{k < K} A(r, k) * M[k*ldm + c*L ...]
+// in k order, with A(r, k) = A[r*lda + k] (row-major A) or, if TR, A[r + k*ks] (A read transposed: the
+// rank-K weight-gradient updates, k over batch rows). RB x CB accumulators stay in registers; each k
+// loads CB vectors of M and broadcasts RB scalars of A.
+template <typename T, int VB, int RB, int CB, bool Acc, bool TR>
 IRNN_INLINE void tile(const T* A, int64_t lda, int64_t ks, int64_t K, const T* M, int64_t ldm, T* C, int64_t ldc) {
   using S = Simd<T, VB>;
   using vec = typename S::vec;
   vec acc[RB][CB];
+  const T* a[RB];
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r) a[r] = A + r * lda;
 #pragma GCC unroll 16
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 16
     for (int c = 0; c < CB; ++c) acc[r][c] = Acc ? S::load(C + r * ldc + c * S::L) : S::zero();
   for (int64_t k = 0; k < K; ++k) {
     const T* m = M + k * ldm;
+    const T* p = A + k * ks;
     vec w[CB];
 #pragma GCC unroll 16
     for (int c = 0; c < CB; ++c) w[c] = S::load(m + c * S::L);
 #pragma GCC unroll 16
     for (int r = 0; r < RB; ++r) {
-      const vec a = S::splat(A[r * lda + k * ks]);
+      const vec s = S::splat(TR ? p[r] : a[r][k]);
 #pragma GCC unroll 16
-      for (int c = 0; c < CB; ++c) acc[r][c] += a * w[c];
+      for (int c = 0; c < CB; ++c) acc[r][c] += s * w[c];
     }
   }
 #pragma GCC unroll 16
@@ -154,38 +171,50 @@ IRNN_INLINE void tile(const T* A, int64_t lda, int64_t ks, int64_t K, const T* M
 }
 
 // One block of CB vector columns over all R rows: RBMAX rows at a time, then 4, 2, 1.
-template <typename T, int VB, int RBMAX, int CB, bool Acc>
+template <typename T, int VB, int RBMAX, int CB, bool Acc, bool TR>
 IRNN_INLINE void col_block(const T* A, int64_t lda, int64_t ks, int64_t R, int64_t K, const T* M, int64_t ldm, T* C,
                            int64_t ldc) {
   int64_t r = 0;
-  for (; r + RBMAX <= R; r += RBMAX) tile<T, VB, RBMAX, CB, Acc>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc);
+  for (; r + RBMAX <= R; r += RBMAX) tile<T, VB, RBMAX, CB, Acc, TR>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc);
   if constexpr (RBMAX > 4)
-    if (R - r >= 4) { tile<T, VB, 4, CB, Acc>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc); r += 4; }
+    if (R - r >= 4) { tile<T, VB, 4, CB, Acc, TR>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc); r += 4; }
   if constexpr (RBMAX > 2)
-    if (R - r >= 2) { tile<T, VB, 2, CB, Acc>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc); r += 2; }
+    if (R - r >= 2) { tile<T, VB, 2, CB, Acc, TR>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc); r += 2; }
   if constexpr (RBMAX > 1)
-    if (R - r >= 1) tile<T, VB, 1, CB, Acc>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc);
+    if (R - r >= 1) tile<T, VB, 1, CB, Acc, TR>(A + r * lda, lda, ks, K, M, ldm, C + r * ldc, ldc);
 }
 
-// The last nv < CBMAX vector columns.
-template <typename T, int VB, int RBMAX, int CB, bool Acc>
-IRNN_INLINE void col_tail(int64_t nv, const T* A, int64_t lda, int64_t ks, int64_t R, int64_t K, const T* M,
-                          int64_t ldm, T* C, int64_t ldc) {
-  if constexpr (CB >= 1) {
-    if (nv == CB) return col_block<T, VB, RBMAX, CB, Acc>(A, lda, ks, R, K, M, ldm, C, ldc);
-    col_tail<T, VB, RBMAX, CB - 1, Acc>(nv, A, lda, ks, R, K, M, ldm, C, ldc);
-  }
+// col_block for a run-time width cb <= CB.
+template <typename T, int VB, int RBMAX, int CB, bool Acc, bool TR>
+IRNN_INLINE void col_any(int64_t cb, const T* A, int64_t lda, int64_t ks, int64_t R, int64_t K, const T* M,
+                         int64_t ldm, T* C, int64_t ldc) {
+  if (cb == CB) return col_block<T, VB, RBMAX, CB, Acc, TR>(A, lda, ks, R, K, M, ldm, C, ldc);
+  if constexpr (CB > 1) col_any<T, VB, RBMAX, CB - 1, Acc, TR>(cb, A, lda, ks, R, K, M, ldm, C, ldc);
 }
 
-// C[R, nv*L] (+)= A[R, K] M[K, nv*L]; column blocks outermost so a [K, CB*L] panel of M stays in L1
-// while every row block uses it.
-template <typename T, int VB, int RBMAX, int CBMAX, bool Acc>
+// C[R, nv*L] (+)= A[R, K] M[K, nv*L]. Column blocks outermost, and K cut into chunks whose [kc, CB*L] panel
+// of M fits in L1 (~24 KB) while every row block uses it (dh = dB W_hh has K = 4H = 400: a whole panel is
+// 100 KB and came from L2 once per row block). The nv vector columns are cut into blocks of near-equal
+// width (7 = 4 + 3, not 5 + 2: a narrow block broadcasts as much of A per multiply-add as a wide one).
+// Each C element is still summed in k order.
+template <typename T, int VB, int RBMAX, int CBMAX, bool Acc, bool TR = false>
 IRNN_INLINE void gemm(const T* A, int64_t lda, int64_t ks, int64_t R, int64_t K, const T* M, int64_t ldm, int64_t nv,
                       T* C, int64_t ldc) {
   constexpr int L = Simd<T, VB>::L;
-  int64_t c = 0;
-  for (; c + CBMAX <= nv; c += CBMAX) col_block<T, VB, RBMAX, CBMAX, Acc>(A, lda, ks, R, K, M + c * L, ldm, C + c * L, ldc);
-  if (c < nv) col_tail<T, VB, RBMAX, CBMAX - 1, Acc>(nv - c, A, lda, ks, R, K, M + c * L, ldm, C + c * L, ldc);
+  const int64_t nb = (nv + CBMAX - 1) / CBMAX;
+  for (int64_t b = 0, c = 0; b < nb; ++b) {
+    const int64_t cb = nv / nb + (b < nv % nb);
+    const int64_t kc = std::max<int64_t>(16, (int64_t(24) << 10) / (cb * VB));
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
+      const int64_t kn = std::min(kc, K - k0);
+      const T* a = A + k0 * (TR ? ks : 1);
+      if (Acc || k0 > 0)
+        col_any<T, VB, RBMAX, CBMAX, true, TR>(cb, a, lda, ks, R, kn, M + k0 * ldm + c * L, ldm, C + c * L, ldc);
+      else
+        col_any<T, VB, RBMAX, CBMAX, false, TR>(cb, a, lda, ks, R, kn, M + k0 * ldm + c * L, ldm, C + c * L, ldc);
+    }
+    c += cb;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -193,16 +222,24 @@ template <typename T>
 struct Args {
   int64_t B, T_, I, H, gH;  // gH: the gate width, 4H or 3H
   int64_t GP, HP, IP;       // gH, H, I rounded up to the vector width (row strides of packed/scratch arrays)
+  int64_t SH;               // width of a saved state row: 2H (LSTM: c, h) or H (GRU: h)
   int64_t group;            // rows per group (the last group of a model may be smaller)
   int64_t groups;           // groups per model
   const T* x;               // [N,B,T,I]
+  // Narrow inputs (I <= kIMax) are fused into the recurrent product: its A row is [x_t, h_{t-1}] and its
+  // M = wx = [W_ih^T; W_hh^T] (the GRU's n columns of W_ih^T zeroed: x W_in^T stays out of r * (...)).
+  // Wide inputs get their own product gx = x_t W_ih^T per step, and wx = W_hh^T.
+  int64_t xo;               // I if fused, else 0: where h starts in an A row
+  int64_t XP;               // row stride of the A rows
   const T* wiT;             // [N,I,GP]   W_ih^T, zero-padded
-  const T* whT;             // [N,H,GP]   W_hh^T
+  const T* wx;              // [N,xo+H,GP]
+  const T* bs;              // [N,GP+L]   b_ih + b_hh (the GRU's n columns: b_hn only)
   const T* bi;              // [N,GP+L]   b_ih
-  const T* bh;              // [N,GP+L]   b_hh
   T* out;                   // [N,B,T,H]
-  T* act;                   // [N,B,T,4H] or null (forward without saving)
-  T* cell;                  // [N,B,T,H] (LSTM) or null
+  // Saved for the backward, time-major so that one step of a group is one contiguous block (or null: a
+  // forward without gradients): act [N,T,B,4H] and state [N,T,B,SH].
+  T* act;
+  T* state;
   // backward only
   const T* g; int64_t g_n, g_b, g_t; bool g_last;  // dL/dout strides, or dL/dh_{T-1} only [N,B,H]
   const T* wh;              // [N,gH,HP]  W_hh
@@ -212,16 +249,24 @@ struct Args {
   int64_t PW;
 };
 
+// Inputs up to this wide are fused into the recurrent product (see Args::xo).
+constexpr int64_t kIMax = 8;
+
 // Rows per group: a function of B alone (never of the thread count), so the sums do not depend on it.
-// Groups of 8-16 rows: big enough for the per-step weight-gradient updates (K = rows) to be efficient,
-// small enough that a batch of 16 or 32 gives two threads a group each.
+// Groups of 8-16 rows: big enough for the kernels' row blocks, small enough that a batch of 16 or 32
+// gives two threads a group each.
 int64_t group_rows(int64_t B) {
   if (B <= 8) return std::max<int64_t>(B, 1);
   const int64_t half = (B + 1) / 2;
   return std::min<int64_t>(16, std::max<int64_t>(8, (half + 3) / 4 * 4));
 }
 
-// Zero-initialised scratch with a vector of slack after it (the epilogue reads whole vectors at gate offsets).
+// The backward adds dW += h^T dB once every ring_steps(R) steps, over that many steps' rows at once
+// (K ~ 64): with K = R alone (8-16) loading and storing the [H, gH] accumulators would cost as much as
+// the multiply-adds.
+int64_t ring_steps(int64_t R) { return std::max<int64_t>(1, (64 + R - 1) / R); }
+
+// Zero-initialised scratch with slack after it (the epilogue reads whole vectors at gate offsets).
 template <typename T>
 struct Scratch {
   std::vector<T> buf;
@@ -229,37 +274,59 @@ struct Scratch {
   T* p() { return buf.data(); }
 };
 
+// Asks for `bytes` from p on to be brought into cache (level 3: L1, 2: L2).
+template <int Level>
+IRNN_INLINE void prefetch_block(const void* p, int64_t bytes, bool write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) {
+    if (write)
+      __builtin_prefetch(c + o, 1, Level);
+    else
+      __builtin_prefetch(c + o, 0, Level);
+  }
+}
+
 template <typename T, int VB, int RBMAX, int CBMAX, bool GRU>
 IRNN_INLINE void forward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t r1) {
   using S = Simd<T, VB>;
   using vec = typename S::vec;
   constexpr int L = S::L;
-  const int64_t R = r1 - r0, H = a.H, I = a.I, T_ = a.T_, GP = a.GP, HP = a.HP, gH = a.gH;
+  const int64_t R = r1 - r0, H = a.H, I = a.I, T_ = a.T_, GP = a.GP, XP = a.XP, xo = a.xo, SH = a.SH;
+  const bool fused_x = xo > 0;
   const T* wiT = a.wiT + n * I * GP;
-  const T* whT = a.whT + n * H * GP;
+  const T* wx = a.wx + n * (xo + H) * GP;
+  const T* bs = a.bs + n * (GP + L);
   const T* bi = a.bi + n * (GP + L);
-  const T* bh = a.bh + n * (GP + L);
-  Scratch<T> gx_s(R * GP), hh_s(R * GP), hs_s(R * HP), cs_s(R * HP);
-  T *gx = gx_s.p(), *hh = hh_s.p(), *hs = hs_s.p(), *cs = cs_s.p();
+  // hin [R, XP]: the A rows [x_t, h_{t-1}] (h_{-1} = 0); cs: c_{t-1}; hh: the product; gx: wide inputs' x_t W_ih^T.
+  Scratch<T> hin_s(R * XP), cs_s(R * a.HP), hh_s(R * GP), gx_s(fused_x ? 0 : R * GP);
+  T *hin = hin_s.p(), *cs = cs_s.p(), *hh = hh_s.p(), *gx = gx_s.p();
   const vec one = S::splat(T(1));
   for (int64_t t = 0; t < T_; ++t) {
-    const int64_t row0 = (n * a.B + r0) * T_ + t;  // (n, b = r0, t)
-    gemm<T, VB, RBMAX, CBMAX, false>(a.x + row0 * I, T_ * I, 1, R, I, wiT, GP, GP / L, gx, GP);
-    if (t) gemm<T, VB, RBMAX, CBMAX, false>(hs, HP, 1, R, H, whT, GP, GP / L, hh, GP);
+    const int64_t row0 = (n * a.B + r0) * T_ + t;   // (n, b = r0, t) in [N,B,T,*]
+    const int64_t srow0 = (n * T_ + t) * a.B + r0;  // (n, t, b = r0) in [N,T,B,*]
+    if (t + 1 < T_)  // the next step's rows of out sit T*H apart: too many streams for the hardware prefetcher
+      for (int64_t r = 0; r < R; ++r) prefetch_block<3>(a.out + (row0 + 1 + r * T_) * H, H * sizeof(T), true);
+    if (fused_x) {
+      for (int64_t r = 0; r < R; ++r) std::copy_n(a.x + (row0 + r * T_) * I, I, hin + r * XP);
+    } else {
+      gemm<T, VB, RBMAX, CBMAX, false>(a.x + row0 * I, T_ * I, 1, R, I, wiT, GP, GP / L, gx, GP);
+    }
+    gemm<T, VB, RBMAX, CBMAX, false>(hin, XP, 1, R, t ? xo + H : xo, wx, GP, GP / L, hh, GP);
     for (int64_t r = 0; r < R; ++r) {
-      const T* gxr = gx + r * GP;
       const T* hhr = hh + r * GP;
-      T* hr = hs + r * HP;
-      T* cr = cs + r * HP;
-      const int64_t row = row0 + r * T_;
-      T* orow = a.out + row * H;
-      T* arow = a.act ? a.act + row * 4 * H : nullptr;
+      const T* gxr = gx + r * GP;
+      const T* xr = a.x + (row0 + r * T_) * I;
+      T* hr = hin + r * XP + xo;
+      T* cr = cs + r * a.HP;
+      T* orow = a.out + (row0 + r * T_) * H;
+      T* arow = a.act ? a.act + (srow0 + r) * 4 * H : nullptr;
+      T* srow = a.act ? a.state + (srow0 + r) * SH : nullptr;
       for (int64_t j = 0; j < H; j += L) {
         const int64_t m = H - j;
-        auto pre = [&](int64_t q) {  // x W_i^T + b_i + h W_h^T + b_h for gate q's units j...
+        auto pre = [&](int64_t q) {  // x W_i^T + h W_h^T + b_i + b_h for gate q's units j...
           const int64_t o = q * H + j;
-          const vec v = S::load(gxr + o) + S::load(bi + o);
-          return t ? v + (S::load(hhr + o) + S::load(bh + o)) : v + S::load(bh + o);
+          const vec v = S::load(hhr + o) + S::load(bs + o);
+          return fused_x ? v : v + S::load(gxr + o);
         };
         vec h;
         if constexpr (!GRU) {
@@ -267,20 +334,26 @@ IRNN_INLINE void forward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t 
           const vec c = f * S::load(cr + j) + i * g;  // cs holds c_{t-1} (zero at t = 0)
           h = o * S::tanh(c);
           S::store(cr + j, c);
-          S::store_n(a.cell + row * H + j, c, m);
           if (arow) {
             S::store_n(arow + j, i, m), S::store_n(arow + H + j, f, m);
             S::store_n(arow + 2 * H + j, g, m), S::store_n(arow + 3 * H + j, o, m);
+            S::store_n(srow + j, c, m), S::store_n(srow + H + j, h, m);
           }
         } else {
           const vec rg = S::sigmoid(pre(0)), z = S::sigmoid(pre(1));
           const int64_t on = 2 * H + j;
-          const vec hn = t ? S::load(hhr + on) + S::load(bh + on) : S::load(bh + on);
-          const vec nn = S::tanh(S::load(gxr + on) + S::load(bi + on) + rg * hn);
-          h = (one - z) * nn + z * S::load(hr + j);  // hs holds h_{t-1} (zero at t = 0)
+          const vec hn = pre(2) - (fused_x ? S::zero() : S::load(gxr + on));  // h W_hn^T + b_hn
+          vec xn = S::load(bi + on);  // x W_in^T + b_in
+          if (fused_x)
+            for (int64_t k = 0; k < I; ++k) xn += S::splat(xr[k]) * S::load(wiT + k * GP + on);
+          else
+            xn += S::load(gxr + on);
+          const vec nn = S::tanh(xn + rg * hn);
+          h = (one - z) * nn + z * (t ? S::load(hr + j) : S::zero());  // h_{t-1}
           if (arow) {
             S::store_n(arow + j, rg, m), S::store_n(arow + H + j, z, m);
             S::store_n(arow + 2 * H + j, nn, m), S::store_n(arow + 3 * H + j, hn, m);
+            S::store_n(srow + j, h, m);
           }
         }
         S::store(hr + j, h);
@@ -288,7 +361,6 @@ IRNN_INLINE void forward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t 
       }
     }
   }
-  (void)gH;
 }
 
 template <typename T, int VB, int RBMAX, int CBMAX, bool GRU>
@@ -296,36 +368,52 @@ IRNN_INLINE void backward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t
   using S = Simd<T, VB>;
   using vec = typename S::vec;
   constexpr int L = S::L;
-  const int64_t R = r1 - r0, H = a.H, I = a.I, T_ = a.T_, GP = a.GP, HP = a.HP, IP = a.IP, gH = a.gH;
+  const int64_t R = r1 - r0, H = a.H, I = a.I, T_ = a.T_, B = a.B, GP = a.GP, HP = a.HP, IP = a.IP, gH = a.gH;
+  const int64_t SH = a.SH, hoff = GRU ? 0 : H;  // h's offset in a state row
   const T* wh = a.wh + n * gH * HP;
   const T* wi = a.wi + n * gH * IP;
   T* dwh = a.part + item * a.PW;  // [H, GP] dW_hh^T
   T* dwi = dwh + H * GP;          // [I, GP] dW_ih^T
   T* dbi = dwi + I * GP;          // [GP]
   T* dbh = dbi + GP;              // [GP]
-  Scratch<T> dA_s(R * GP), dB_s(GRU ? R * GP : 0), carry_s(R * HP), dc_s(R * HP), dx_s(a.dx ? R * IP : 0);
-  T *dA = dA_s.p(), *dB = GRU ? dB_s.p() : dA, *carry = carry_s.p(), *dc = dc_s.p(), *dxs = dx_s.p();
+  // The ring of the last `ring` steps' gate gradients and the inputs they pair with in the weight gradients.
+  const int64_t ring = ring_steps(R);
+  Scratch<T> dA_s(ring * R * GP), dB_s(GRU ? ring * R * GP : 0), hr_s(ring * R * H), xr_s(ring * R * I);
+  Scratch<T> carry_s(R * HP), dc_s(R * HP), dx_s(a.dx ? R * IP : 0);
+  T *dAr = dA_s.p(), *dBr = GRU ? dB_s.p() : dAr, *hring = hr_s.p(), *xring = xr_s.p();
+  T *carry = carry_s.p(), *dc = dc_s.p(), *dxs = dx_s.p();
   const vec one = S::splat(T(1));
+  int64_t filled = 0;  // steps in the ring
   for (int64_t t = T_ - 1; t >= 0; --t) {
-    const int64_t row0 = (n * a.B + r0) * T_ + t;
+    const int64_t row0 = (n * B + r0) * T_ + t;
+    const int64_t srow0 = (n * T_ + t) * B + r0;
     const bool last = t == T_ - 1, has_g = last || !a.g_last;
     const T* g = a.g + n * a.g_n + r0 * a.g_b + (a.g_last ? 0 : t * a.g_t);
+    if (t) {  // the previous step's saved block (contiguous) and, row by row, its output gradient
+      prefetch_block<2>(a.act + (srow0 - B) * 4 * H, R * 4 * H * sizeof(T), false);
+      prefetch_block<2>(a.state + (srow0 - B) * SH, R * SH * sizeof(T), false);
+      if (!a.g_last)
+        for (int64_t r = 0; r < R; ++r) prefetch_block<2>(g - a.g_t + r * a.g_b, H * sizeof(T), false);
+    }
+    T* dA = dAr + filled * R * GP;
+    T* dB = dBr + filled * R * GP;
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t row = row0 + r * T_;
       const T* gr = g + r * a.g_b;
-      const T* ar = a.act + row * 4 * H;
+      const T* ar = a.act + (srow0 + r) * 4 * H;
+      const T* sr = a.state + (srow0 + r) * SH;
+      const T* sp = sr - B * SH;  // the state row of step t - 1 (only read if t > 0)
       T* cy = carry + r * HP;
       T* dar = dA + r * GP;
       T* dbr = dB + r * GP;
       for (int64_t j = 0; j < H; j += L) {
         const int64_t m = H - j;
-        vec dh = last ? S::zero() : S::load(cy + j);  // dL/dh_t through h_{t+1}
+        vec dh = last ? S::zero() : S::load(cy + j);  // dL/dh_t through step t + 1
         if (has_g) dh += S::load_n(gr + j, m);
         if constexpr (!GRU) {
           const vec i = S::load_n(ar + j, m), f = S::load_n(ar + H + j, m), gg = S::load_n(ar + 2 * H + j, m),
                     o = S::load_n(ar + 3 * H + j, m);
-          const vec c = S::load_n(a.cell + row * H + j, m);
-          const vec cp = t ? S::load_n(a.cell + (row - 1) * H + j, m) : S::zero();
+          const vec c = S::load_n(sr + j, m);
+          const vec cp = t ? S::load_n(sp + j, m) : S::zero();
           const vec tc = S::tanh(c);
           const vec dcv = (last ? S::zero() : S::load(dc + r * HP + j)) + dh * o * (one - tc * tc);
           S::store(dc + r * HP + j, dcv * f);  // dL/dc_{t-1} through c_t
@@ -336,7 +424,7 @@ IRNN_INLINE void backward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t
         } else {
           const vec rg = S::load_n(ar + j, m), z = S::load_n(ar + H + j, m), nn = S::load_n(ar + 2 * H + j, m),
                     hn = S::load_n(ar + 3 * H + j, m);
-          const vec hp = t ? S::load_n(a.out + (row - 1) * H + j, m) : S::zero();
+          const vec hp = t ? S::load_n(sp + j, m) : S::zero();
           const vec dnp = dh * (one - z) * (one - nn * nn);  // dL/d(n's pre-activation)
           const vec dr = dnp * hn * rg * (one - rg);
           const vec dz = dh * (hp - nn) * z * (one - z);
@@ -345,26 +433,37 @@ IRNN_INLINE void backward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t
           S::store_n(dbr + j, dr, m), S::store_n(dbr + H + j, dz, m), S::store_n(dbr + 2 * H + j, dnp * rg, m);
         }
       }
+      // This step's h_{t-1} (zero at t = 0) and x_t rows, paired with dB and dA in the weight gradients.
+      T* hdst = hring + (filled * R + r) * H;
+      if (t)
+        std::copy_n(sp + hoff, H, hdst);
+      else
+        std::fill_n(hdst, H, T(0));
+      std::copy_n(a.x + (row0 + r * T_) * I, I, xring + (filled * R + r) * I);
     }
-    // Bias gradients: the rows of dA (dB) added in row order.
-    for (int64_t v = 0; v < GP; v += L) {
-      vec sa = S::load(dbi + v), sb = S::load(dbh + v);
-      for (int64_t r = 0; r < R; ++r) {
-        sa += S::load(dA + r * GP + v);
-        if (GRU) sb += S::load(dB + r * GP + v);
-      }
-      S::store(dbi + v, sa);
-      if (GRU) S::store(dbh + v, sb);
-    }
-    // dW_ih^T += x_t^T dA, dW_hh^T += h_{t-1}^T dB: rank-R updates, k over this group's rows.
-    gemm<T, VB, RBMAX, CBMAX, true>(a.x + row0 * I, 1, T_ * I, I, R, dA, GP, GP / L, dwi, GP);
-    if (t) gemm<T, VB, RBMAX, CBMAX, true>(a.out + (row0 - 1) * H, 1, T_ * H, H, R, dB, GP, GP / L, dwh, GP);
+    filled += 1;
     if (a.dx) {
       gemm<T, VB, RBMAX, CBMAX, false>(dA, GP, 1, R, gH, wi, IP, IP / L, dxs, IP);
       for (int64_t r = 0; r < R; ++r) std::copy_n(dxs + r * IP, I, a.dx + (row0 + r * T_) * I);
     }
     // dL/dh_{t-1} through the gates: dB W_hh, onto the GRU's direct term already in carry.
     if (t) gemm<T, VB, RBMAX, CBMAX, GRU>(dB, GP, 1, R, gH, wh, HP, HP / L, carry, HP);
+    if (filled == ring || t == 0) {
+      // dW_hh^T += h^T dB, dW_ih^T += x^T dA and the bias sums over the ring's rows, in ring order.
+      const int64_t K = filled * R;
+      gemm<T, VB, RBMAX, CBMAX, true, true>(hring, 1, H, H, K, dBr, GP, GP / L, dwh, GP);
+      gemm<T, VB, RBMAX, CBMAX, true, true>(xring, 1, I, I, K, dAr, GP, GP / L, dwi, GP);
+      for (int64_t v = 0; v < GP; v += L) {
+        vec sa = S::load(dbi + v), sb = S::load(dbh + v);
+        for (int64_t k = 0; k < K; ++k) {
+          sa += S::load(dAr + k * GP + v);
+          if (GRU) sb += S::load(dBr + k * GP + v);
+        }
+        S::store(dbi + v, sa);
+        if (GRU) S::store(dbh + v, sb);
+      }
+      filled = 0;
+    }
   }
   if (!GRU) std::copy_n(dbi, GP, dbh);
 }
@@ -489,7 +588,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor&
 // The packed weights and sizes shared by forward and backward.
 template <typename T>
 struct Packed {
-  std::vector<T> wiT, whT, bi, bh, wi, wh;
+  std::vector<T> wiT, wx, bs, bi, wi, wh;
 };
 
 template <typename T>
@@ -499,21 +598,36 @@ Args<T> make_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor&
   const int64_t L = vector_len(isa, sizeof(T));
   a.B = x.size(1), a.T_ = x.size(2), a.I = x.size(3), a.H = w_hh.size(2), a.gH = w_hh.size(1);
   a.GP = round_up(a.gH, L), a.HP = round_up(a.H, L), a.IP = round_up(a.I, L);
+  a.SH = a.gH == 3 * a.H ? a.H : 2 * a.H;
   a.group = group_rows(a.B), a.groups = (a.B + a.group - 1) / a.group;
-  pk.wiT = pack<T>(w_ih, true, a.GP);
-  pk.whT = pack<T>(w_hh, true, a.GP);
-  pk.bi = pack<T>(b_ih.unsqueeze(1), false, a.GP, L);
-  pk.bh = pack<T>(b_hh.unsqueeze(1), false, a.GP, L);
+  const bool gru = a.gH == 3 * a.H;
+  a.xo = a.I <= kIMax ? a.I : 0;
+  a.XP = round_up(a.xo + a.HP, L);
+  const int64_t N = x.size(0), GP = a.GP, H = a.H, I = a.I, gH = a.gH, xo = a.xo;
+  pk.wiT = pack<T>(w_ih, true, GP);
+  const std::vector<T> whT = pack<T>(w_hh, true, GP);
+  pk.wx.assign(N * (xo + H) * GP + 64, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    T* w = pk.wx.data() + n * (xo + H) * GP;
+    for (int64_t i = 0; i < xo; ++i)
+      for (int64_t j = 0; j < (gru ? 2 * H : gH); ++j) w[i * GP + j] = pk.wiT[(n * I + i) * GP + j];
+    std::copy_n(whT.data() + n * H * GP, H * GP, w + xo * GP);
+  }
+  pk.bi = pack<T>(b_ih.unsqueeze(1), false, GP, L);
+  pk.bs = pack<T>(b_hh.unsqueeze(1), false, GP, L);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < (gru ? 2 * H : gH); ++j) pk.bs[n * (GP + L) + j] += pk.bi[n * (GP + L) + j];
   if (backward) {
     pk.wi = pack<T>(w_ih, false, a.IP);
     pk.wh = pack<T>(w_hh, false, a.HP);
   }
-  a.x = x.data_ptr<T>(), a.wiT = pk.wiT.data(), a.whT = pk.whT.data(), a.bi = pk.bi.data(), a.bh = pk.bh.data();
+  a.x = x.data_ptr<T>(), a.wiT = pk.wiT.data(), a.wx = pk.wx.data(), a.bs = pk.bs.data(), a.bi = pk.bi.data();
   a.wi = pk.wi.data(), a.wh = pk.wh.data();
   return a;
 }
 
-// Returns {out [N,B,T,H], act [N,B,T,4H] (empty unless save), cell [N,B,T,H] (LSTM; else empty)}.
+// Returns {out [N,B,T,H] (or [B,T,H] like x), and if save the stacked act [N,T,B,4H] and state [N,T,B,SH]
+// for the backward (else empty)}.
 std::vector<at::Tensor> gates_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
                                       const at::Tensor& b_ih_, const at::Tensor& b_hh_, bool gru, bool save,
                                       int64_t isa_req) {
@@ -526,8 +640,8 @@ std::vector<at::Tensor> gates_forward(const at::Tensor& x_, const at::Tensor& w_
   const int64_t N = x.size(0), B = x.size(1), T_ = x.size(2), H = w_hh.size(2);
   const at::TensorOptions opt = x.options();
   at::Tensor out = at::empty({N, B, T_, H}, opt);
-  at::Tensor act = save ? at::empty({N, B, T_, 4 * H}, opt) : at::empty({0}, opt);
-  at::Tensor cell = gru ? at::empty({0}, opt) : at::empty({N, B, T_, H}, opt);
+  at::Tensor act = save ? at::empty({N, T_, B, 4 * H}, opt) : at::empty({0}, opt);
+  at::Tensor state = save ? at::empty({N, T_, B, (gru ? 1 : 2) * H}, opt) : at::empty({0}, opt);
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_gates_forward", [&] {
       using T = scalar_t;
@@ -535,7 +649,7 @@ std::vector<at::Tensor> gates_forward(const at::Tensor& x_, const at::Tensor& w_
       Args<T> a = make_args<T>(x, w_ih, w_hh, b_ih, b_hh, isa, false, pk);
       a.out = out.data_ptr<T>();
       a.act = save ? act.data_ptr<T>() : nullptr;
-      a.cell = gru ? nullptr : cell.data_ptr<T>();
+      a.state = save ? state.data_ptr<T>() : nullptr;
       auto fn = gru ? forward_generic<T, true> : forward_generic<T, false>;
 #if IRNN_X86
       if (isa == kAvx512) fn = gru ? forward_avx512<T, true> : forward_avx512<T, false>;
@@ -544,51 +658,47 @@ std::vector<at::Tensor> gates_forward(const at::Tensor& x_, const at::Tensor& w_
       for_groups(N, B, a.group, a.groups, [&](int64_t n, int64_t r0, int64_t r1, int64_t) { fn(a, n, r0, r1); });
     });
   }
-  if (single) {
-    out = out.squeeze(0);
-    if (act.numel()) act = act.squeeze(0);
-    if (cell.numel()) cell = cell.squeeze(0);
-  }
-  return {out, act, cell};
+  // act and state stay stacked: only the backward reads them.
+  return {single ? out.squeeze(0) : out, act, state};
 }
 
-// Returns {dx or empty, dw_ih, dw_hh, db_ih, db_hh}, shaped like x, w_ih, w_hh, b_ih, b_hh.
+// Returns {dx or empty, dw_ih, dw_hh, db_ih, db_hh}, shaped like x, w_ih, w_hh, b_ih, b_hh. act, state:
+// the forward's saved results (always stacked).
 std::vector<at::Tensor> gates_backward(const at::Tensor& gout_, const at::Tensor& x_, const at::Tensor& w_ih_,
                                        const at::Tensor& w_hh_, const at::Tensor& b_ih_, const at::Tensor& b_hh_,
-                                       const at::Tensor& out_, const at::Tensor& act_, const at::Tensor& cell_,
-                                       bool gru, bool need_x, int64_t isa_req) {
+                                       const at::Tensor& act, const at::Tensor& state, bool gru, bool need_x,
+                                       int64_t isa_req) {
   at::NoGradGuard no_grad;
-  const bool single = out_.dim() == 3;
+  const bool single = x_.dim() == 3;
   const at::Tensor x = stacked(x_, single).contiguous(), w_ih = stacked(w_ih_, single),
-                   w_hh = stacked(w_hh_, single), b_ih = stacked(b_ih_, single), b_hh = stacked(b_hh_, single),
-                   out = stacked(out_, single), act = stacked(act_, single);
+                   w_hh = stacked(w_hh_, single), b_ih = stacked(b_ih_, single), b_hh = stacked(b_hh_, single);
   check_inputs(x, w_ih, w_hh, b_ih, b_hh, gru ? 3 : 4);
   const Isa isa = resolve_isa(isa_req);
-  const int64_t N = out.size(0), B = out.size(1), T_ = out.size(2), H = out.size(3), I = x.size(3);
-  TORCH_CHECK(out.is_contiguous() && act.is_contiguous() && act.dim() == 4 && act.size(3) == 4 * H,
-              "fused_gates: out and act must be the forward's (saved) results");
-  const at::Tensor cell = gru ? cell_ : stacked(cell_, single);
-  TORCH_CHECK(gru || (cell.is_contiguous() && cell.sizes() == out.sizes()), "fused_gates: cell must be the forward's");
-  const bool g_last = gout_.dim() == out_.dim() - 1;
-  std::vector<int64_t> last_shape = out_.sizes().vec();
-  last_shape.erase(last_shape.end() - 2);
-  TORCH_CHECK(g_last ? gout_.sizes() == at::IntArrayRef(last_shape) : gout_.sizes() == out_.sizes(),
-              "fused_gates: grad_out must be ", out_.sizes(), " or ", at::IntArrayRef(last_shape), ", got ",
-              gout_.sizes());
+  const int64_t N = x.size(0), B = x.size(1), T_ = x.size(2), H = w_hh.size(2), I = x.size(3);
+  const std::vector<int64_t> saved_shape{N, T_, B, 4 * H}, state_shape{N, T_, B, (gru ? 1 : 2) * H};
+  TORCH_CHECK(act.is_contiguous() && act.sizes() == at::IntArrayRef(saved_shape) && state.is_contiguous() &&
+                  state.sizes() == at::IntArrayRef(state_shape),
+              "fused_gates: act and state must be the forward's saved results");
+  // grad_out: dL/dout [N,B,T,H] (or without N), or dL/dh_{T-1} alone (without T).
+  std::vector<int64_t> out_shape{B, T_, H}, last_shape{B, H};
+  if (!single) out_shape.insert(out_shape.begin(), N), last_shape.insert(last_shape.begin(), N);
+  const bool g_last = gout_.sizes() == at::IntArrayRef(last_shape);
+  TORCH_CHECK(g_last || gout_.sizes() == at::IntArrayRef(out_shape), "fused_gates: grad_out must be ",
+              at::IntArrayRef(out_shape), " or ", at::IntArrayRef(last_shape), ", got ", gout_.sizes());
   at::Tensor gout = stacked(gout_, single);
-  if (gout.scalar_type() != out.scalar_type()) gout = gout.to(out.scalar_type());
+  if (gout.scalar_type() != x.scalar_type()) gout = gout.to(x.scalar_type());
   if (gout.stride(-1) != 1) gout = gout.contiguous();
-  const at::TensorOptions opt = out.options();
+  const at::TensorOptions opt = x.options();
   const int64_t gH = w_hh.size(1);
   at::Tensor dx = need_x ? at::zeros({N, B, T_, I}, opt) : at::empty({0}, opt);
   at::Tensor dw_ih = at::zeros({N, gH, I}, opt), dw_hh = at::zeros({N, gH, H}, opt);
   at::Tensor db_ih = at::zeros({N, gH}, opt), db_hh = at::zeros({N, gH}, opt);
-  if (out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fused_gates_backward", [&] {
+  if (N * B * T_ * H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_gates_backward", [&] {
       using T = scalar_t;
       Packed<T> pk;
       Args<T> a = make_args<T>(x, w_ih, w_hh, b_ih, b_hh, isa, true, pk);
-      a.out = out.data_ptr<T>(), a.act = act.data_ptr<T>(), a.cell = gru ? nullptr : cell.data_ptr<T>();
+      a.act = const_cast<T*>(act.data_ptr<T>()), a.state = const_cast<T*>(state.data_ptr<T>());
       a.g = gout.data_ptr<T>(), a.g_n = gout.stride(0), a.g_b = gout.stride(1);
       a.g_t = g_last ? 0 : gout.stride(2), a.g_last = g_last;
       a.dx = need_x ? dx.data_ptr<T>() : nullptr;
@@ -641,8 +751,8 @@ TORCH_LIBRARY(irnn_gates, m) {
   m.def("forward(Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, bool gru, bool save, int isa) "
         "-> Tensor[]",
         &gates_forward);
-  m.def("backward(Tensor grad_out, Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor out, "
-        "Tensor act, Tensor cell, bool gru, bool need_x, int isa) -> Tensor[]",
+  m.def("backward(Tensor grad_out, Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, "
+        "Tensor act, Tensor state, bool gru, bool need_x, int isa) -> Tensor[]",
         &gates_backward);
   m.def("best_isa() -> int", &best_isa);
   m.def("group_rows(int batch) -> int", &rows_per_group);
