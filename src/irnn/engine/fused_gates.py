@@ -179,8 +179,8 @@ class _PythonGates(torch.autograd.Function):
                 db_[:, :, step] = da[:, :, step]
                 carry = torch.bmm(da[:, :, step], w_hh)
         daf, dbf = da.reshape(n, b * t, -1), db_.reshape(n, b * t, -1)
-        rows = b * (t - 1)
-        dw_hh = torch.bmm(db_[:, :, 1:].reshape(n, rows, -1).transpose(1, 2), out[:, :, :-1].reshape(n, rows, hsz))
+        gh, rows = w_hh.shape[1], b * max(t - 1, 0)
+        dw_hh = torch.bmm(db_[:, :, 1:].reshape(n, rows, gh).transpose(1, 2), out[:, :, :-1].reshape(n, rows, hsz))
         dw_ih = torch.bmm(daf.transpose(1, 2), x.reshape(n, b * t, i))
         dx = torch.bmm(daf, w_ih).view(n, b, t, i)
         need = ctx.needs_input_grad
