@@ -84,10 +84,10 @@ def _isa() -> int:
 class _CppGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, gru: bool, last_only: bool = False):
-        out, act, state = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, True, _isa())
+        out, act, state = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, True, last_only, _isa())
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, act, state)
         ctx.gru = gru
-        return out.select(-2, -1).clone() if last_only else out
+        return out
 
     @staticmethod
     @once_differentiable
@@ -241,8 +241,7 @@ def gates_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: t
     if impl != "python" and available():
         if needs_grad:
             return _CppGates.apply(x, w_ih, w_hh, b_ih, b_hh, gru, last_only)
-        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, False, _isa())[0]  # forward only: nothing saved
-        return out.select(-2, -1) if last_only else out
+        return _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, False, last_only, _isa())[0]  # nothing saved
     if impl == "cpp":
         raise RuntimeError("impl='cpp' but the fused C++ LSTM/GRU engine is unavailable "
                            "(IRNN_NO_EXTENSION is set or the build failed); use impl='auto' or 'python'")

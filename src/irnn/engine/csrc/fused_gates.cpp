@@ -123,9 +123,17 @@ struct Simd {
     T coef[deg + 1];
     coef[0] = 1;
     for (int k = 1; k <= deg; ++k) coef[k] = coef[k - 1] / T(k);
-    vec p = splat(coef[deg]);
+    vec p;
+    if constexpr (f32) {  // Estrin's scheme: 3 multiply-adds deep instead of Horner's 7 (the gates are latency-bound)
+      const vec r2 = r * r, r4 = r2 * r2;
+      const vec p01 = splat(coef[0]) + r * splat(coef[1]), p23 = splat(coef[2]) + r * splat(coef[3]);
+      const vec p45 = splat(coef[4]) + r * splat(coef[5]), p67 = splat(coef[6]) + r * splat(coef[7]);
+      p = (p01 + r2 * p23) + r4 * (p45 + r2 * p67);
+    } else {
+      p = splat(coef[deg]);
 #pragma GCC unroll 16
-    for (int k = deg - 1; k >= 0; --k) p = p * r + splat(coef[k]);
+      for (int k = deg - 1; k >= 0; --k) p = p * r + splat(coef[k]);
+    }
     const ivec e = (__builtin_convertvector(n, ivec) + (f32 ? 127 : 1023)) << (f32 ? 23 : 52);
     return p * (vec)e;
   }
@@ -193,7 +201,7 @@ IRNN_INLINE void col_any(int64_t cb, const T* A, int64_t lda, int64_t ks, int64_
 }
 
 // C[R, nv*L] (+)= A[R, K] M[K, nv*L]. Column blocks outermost, and K cut into chunks whose [kc, CB*L] panel
-// of M fits in L1 (~24 KB) while every row block uses it (dh = dB W_hh has K = 4H = 400: a whole panel is
+// of M fits in L1 (~32 KB) while every row block uses it (dh = dB W_hh has K = 4H = 400: a whole panel is
 // 100 KB and came from L2 once per row block). The nv vector columns are cut into blocks of near-equal
 // width (7 = 4 + 3, not 5 + 2: a narrow block broadcasts as much of A per multiply-add as a wide one).
 // Each C element is still summed in k order.
@@ -204,7 +212,9 @@ IRNN_INLINE void gemm(const T* A, int64_t lda, int64_t ks, int64_t R, int64_t K,
   const int64_t nb = (nv + CBMAX - 1) / CBMAX;
   for (int64_t b = 0, c = 0; b < nb; ++b) {
     const int64_t cb = nv / nb + (b < nv % nb);
-    const int64_t kc = std::max<int64_t>(16, (int64_t(24) << 10) / (cb * VB));
+    // Equal chunks of at most ~32 KB of panel each (a short last chunk would be all overhead).
+    const int64_t kmax = std::max<int64_t>(16, (int64_t(32) << 10) / (cb * VB));
+    const int64_t kc = std::max<int64_t>(1, (K + (K + kmax - 1) / kmax - 1) / std::max<int64_t>(1, (K + kmax - 1) / kmax));
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
       const int64_t kn = std::min(kc, K - k0);
       const T* a = A + k0 * (TR ? ks : 1);
@@ -235,7 +245,8 @@ struct Args {
   const T* wx;              // [N,xo+H,GP]
   const T* bs;              // [N,GP+L]   b_ih + b_hh (the GRU's n columns: b_hn only)
   const T* bi;              // [N,GP+L]   b_ih
-  T* out;                   // [N,B,T,H]
+  T* out;                   // [N,B,T,H], or [N,B,H] if out_last
+  bool out_last;            // write only the last step's h (a readout of the last state needs no more)
   // Saved for the backward, time-major so that one step of a group is one contiguous block (or null: a
   // forward without gradients): act [N,T,B,4H] and state [N,T,B,SH].
   T* act;
@@ -304,7 +315,7 @@ IRNN_INLINE void forward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t 
   for (int64_t t = 0; t < T_; ++t) {
     const int64_t row0 = (n * a.B + r0) * T_ + t;   // (n, b = r0, t) in [N,B,T,*]
     const int64_t srow0 = (n * T_ + t) * a.B + r0;  // (n, t, b = r0) in [N,T,B,*]
-    if (t + 1 < T_)  // the next step's rows of out sit T*H apart: too many streams for the hardware prefetcher
+    if (t + 1 < T_ && !a.out_last)  // the next step's rows of out sit T*H apart: too many streams for the prefetcher
       for (int64_t r = 0; r < R; ++r) prefetch_block<3>(a.out + (row0 + 1 + r * T_) * H, H * sizeof(T), true);
     if (fused_x) {
       for (int64_t r = 0; r < R; ++r) std::copy_n(a.x + (row0 + r * T_) * I, I, hin + r * XP);
@@ -318,7 +329,7 @@ IRNN_INLINE void forward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t 
       const T* xr = a.x + (row0 + r * T_) * I;
       T* hr = hin + r * XP + xo;
       T* cr = cs + r * a.HP;
-      T* orow = a.out + (row0 + r * T_) * H;
+      T* orow = a.out_last ? (t + 1 == T_ ? a.out + (n * a.B + r0 + r) * H : nullptr) : a.out + (row0 + r * T_) * H;
       T* arow = a.act ? a.act + (srow0 + r) * 4 * H : nullptr;
       T* srow = a.act ? a.state + (srow0 + r) * SH : nullptr;
       for (int64_t j = 0; j < H; j += L) {
@@ -357,7 +368,7 @@ IRNN_INLINE void forward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t 
           }
         }
         S::store(hr + j, h);
-        S::store_n(orow + j, h, m);
+        if (orow) S::store_n(orow + j, h, m);
       }
     }
   }
@@ -626,11 +637,11 @@ Args<T> make_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor&
   return a;
 }
 
-// Returns {out [N,B,T,H] (or [B,T,H] like x), and if save the stacked act [N,T,B,4H] and state [N,T,B,SH]
-// for the backward (else empty)}.
+// Returns {out [N,B,T,H] (or [B,T,H] like x; without T if last_only), and if save the stacked act [N,T,B,4H]
+// and state [N,T,B,SH] for the backward (else empty)}.
 std::vector<at::Tensor> gates_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
                                       const at::Tensor& b_ih_, const at::Tensor& b_hh_, bool gru, bool save,
-                                      int64_t isa_req) {
+                                      bool last_only, int64_t isa_req) {
   at::NoGradGuard no_grad;
   const bool single = x_.dim() == 3;
   const at::Tensor x = stacked(x_, single).contiguous(), w_ih = stacked(w_ih_, single),
@@ -639,7 +650,8 @@ std::vector<at::Tensor> gates_forward(const at::Tensor& x_, const at::Tensor& w_
   const Isa isa = resolve_isa(isa_req);
   const int64_t N = x.size(0), B = x.size(1), T_ = x.size(2), H = w_hh.size(2);
   const at::TensorOptions opt = x.options();
-  at::Tensor out = at::empty({N, B, T_, H}, opt);
+  TORCH_CHECK(!last_only || T_ > 0, "fused_gates: last_only needs at least one time step");
+  at::Tensor out = last_only ? at::empty({N, B, H}, opt) : at::empty({N, B, T_, H}, opt);
   at::Tensor act = save ? at::empty({N, T_, B, 4 * H}, opt) : at::empty({0}, opt);
   at::Tensor state = save ? at::empty({N, T_, B, (gru ? 1 : 2) * H}, opt) : at::empty({0}, opt);
   if (out.numel() > 0) {
@@ -647,7 +659,7 @@ std::vector<at::Tensor> gates_forward(const at::Tensor& x_, const at::Tensor& w_
       using T = scalar_t;
       Packed<T> pk;
       Args<T> a = make_args<T>(x, w_ih, w_hh, b_ih, b_hh, isa, false, pk);
-      a.out = out.data_ptr<T>();
+      a.out = out.data_ptr<T>(), a.out_last = last_only;
       a.act = save ? act.data_ptr<T>() : nullptr;
       a.state = save ? state.data_ptr<T>() : nullptr;
       auto fn = gru ? forward_generic<T, true> : forward_generic<T, false>;
@@ -748,7 +760,7 @@ int64_t rows_per_group(int64_t B) { return group_rows(B); }
 
 // Ops under torch.ops.irnn_gates. Tensors a call did not compute come back empty (numel 0).
 TORCH_LIBRARY(irnn_gates, m) {
-  m.def("forward(Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, bool gru, bool save, int isa) "
+  m.def("forward(Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, bool gru, bool save, bool last_only, int isa) "
         "-> Tensor[]",
         &gates_forward);
   m.def("backward(Tensor grad_out, Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, "
