@@ -86,13 +86,29 @@ struct Simd {
   // write past the row's end.
   static IRNN_INLINE vec load_n(const T* p, int64_t m) {
     if (m >= L) return load(p);
+#if IRNN_X86
+    if constexpr (VB == 64) {  // a masked load (GCC turns a lane loop into a call to memcpy)
+      if constexpr (std::is_same<T, float>::value)
+        return __builtin_ia32_loadups512_mask(p, zero(), (unsigned short)((1u << m) - 1));
+      else
+        return __builtin_ia32_loadupd512_mask(p, zero(), (unsigned char)((1u << m) - 1));
+    }
+#endif
     vec v = zero();
-    for (int64_t l = 0; l < m; ++l) v[l] = p[l];  // lane by lane: a memcpy of run-time length is a call
+    std::memcpy(&v, p, m * sizeof(T));
     return v;
   }
   static IRNN_INLINE void store_n(T* p, vec v, int64_t m) {
     if (m >= L) return store(p, v);
-    for (int64_t l = 0; l < m; ++l) p[l] = v[l];
+#if IRNN_X86
+    if constexpr (VB == 64) {
+      if constexpr (std::is_same<T, float>::value)
+        return __builtin_ia32_storeups512_mask(p, v, (unsigned short)((1u << m) - 1));
+      else
+        return __builtin_ia32_storeupd512_mask(p, v, (unsigned char)((1u << m) - 1));
+    }
+#endif
+    std::memcpy(p, &v, m * sizeof(T));
   }
   // 1 / d. AVX-512 float: the 14-bit vrcp14ps estimate and one Newton step (within ~1 ulp; a vdivps
   // per sigmoid was a fifth of the forward's time); elsewhere a division.
@@ -400,12 +416,10 @@ IRNN_INLINE void backward_group(const Args<T>& a, int64_t n, int64_t r0, int64_t
     const int64_t srow0 = (n * T_ + t) * B + r0;
     const bool last = t == T_ - 1, has_g = last || !a.g_last;
     const T* g = a.g + n * a.g_n + r0 * a.g_b + (a.g_last ? 0 : t * a.g_t);
-    if (t) {  // the previous step's saved block (contiguous) and, row by row, its output gradient
-      prefetch_block<2>(a.act + (srow0 - B) * 4 * H, R * 4 * H * sizeof(T), false);
-      prefetch_block<2>(a.state + (srow0 - B) * SH, R * SH * sizeof(T), false);
-      if (!a.g_last)
-        for (int64_t r = 0; r < R; ++r) prefetch_block<2>(g - a.g_t + r * a.g_b, H * sizeof(T), false);
-    }
+    // The saved blocks of a step are contiguous (the hardware prefetcher follows them); the output gradient's
+    // rows sit T*H apart.
+    if (t && !a.g_last)
+      for (int64_t r = 0; r < R; ++r) prefetch_block<2>(g - a.g_t + r * a.g_b, H * sizeof(T), false);
     T* dA = dAr + filled * R * GP;
     T* dB = dBr + filled * R * GP;
     for (int64_t r = 0; r < R; ++r) {
