@@ -130,8 +130,19 @@ struct Simd {
     const T magic = f32 ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^mantissa: rounds to an integer
     const T ln2_hi = f32 ? T(0.693359375) : T(6.93147180369123816490e-01);
     const T ln2_lo = f32 ? T(-2.12194440e-4) : T(1.90821492927058770002e-10);
-    x = x < splat(lo) ? splat(lo) : x;
-    x = x > splat(hi) ? splat(hi) : x;
+#if IRNN_X86
+    constexpr bool avx512_f32 = VB == 64 && f32;
+    if constexpr (avx512_f32) {  // vmaxps/vminps: one instruction per bound instead of a compare and a blend
+      x = __builtin_ia32_maxps512_mask(x, splat(lo), x, (unsigned short)0xFFFF, 4);
+      x = __builtin_ia32_minps512_mask(x, splat(hi), x, (unsigned short)0xFFFF, 4);
+    }
+#else
+    constexpr bool avx512_f32 = false;
+#endif
+    if constexpr (!avx512_f32) {
+      x = x < splat(lo) ? splat(lo) : x;
+      x = x > splat(hi) ? splat(hi) : x;
+    }
     const vec n = (x * splat(T(1.4426950408889634)) + splat(magic)) - splat(magic);
     vec r = x - n * splat(ln2_hi);
     r = r - n * splat(ln2_lo);
@@ -150,6 +161,10 @@ struct Simd {
 #pragma GCC unroll 16
       for (int k = deg - 1; k >= 0; --k) p = p * r + splat(coef[k]);
     }
+#if IRNN_X86
+    if constexpr (avx512_f32)  // p * 2^n in one vscalefps
+      return __builtin_ia32_scalefps512_mask(p, n, p, (unsigned short)0xFFFF, 4);
+#endif
     const ivec e = (__builtin_convertvector(n, ivec) + (f32 ? 127 : 1023)) << (f32 ? 23 : 52);
     return p * (vec)e;
   }
