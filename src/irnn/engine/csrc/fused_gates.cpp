@@ -12,12 +12,16 @@
 // step is ~2.5 MFLOP of dense arithmetic, so the work is a small GEMM per step plus elementwise gates.
 // Here the whole time loop is plain C++ over raw pointers with one register-blocked micro-kernel (GCC
 // vector extensions) for every product:
-//   forward, per step:   gx = x_t W_ih^T,  hh = h_{t-1} W_hh^T, then the gates and the cell update;
+//   forward, per step:   [x_t, h_{t-1}] [W_ih; W_hh]^T (inputs wider than kIMax: x_t W_ih^T apart), then
+//                        the gates and the cell update in the product's epilogue;
 //   backward, per step:  the gate gradients dA (input side) and dB (recurrent side; equal for the LSTM),
-//                        dW_hh^T += h_{t-1}^T dB and dW_ih^T += x_t^T dA while both are in L1,
-//                        db += the rows of dA / dB, dx_t = dA W_ih, dh_{t-1} = dB W_hh (+ dh_t * z for the GRU).
-// Sigmoid and tanh come from one vectorised exp (Cody-Waite reduction and a Taylor polynomial, ~1 ulp),
-// the same code for every lane, so no element depends on where it sits in a vector.
+//                        dx_t = dA W_ih, dh_{t-1} = dB W_hh (+ dh_t * z for the GRU); every ~64 rows (a
+//                        ring of the last steps, still in L1/L2) dW_hh^T += h^T dB, dW_ih^T += x^T dA and
+//                        db += the rows of dA / dB.
+// The products are near the FMA peak; what a step spends beyond its floor is mostly the gates: sigmoid
+// and tanh come from one vectorised exp (Cody-Waite reduction, a degree-7 polynomial, ~1 ulp; vrcp14ps
+// and a Newton step for 1/x on AVX-512), the same code for every lane, so no element depends on where it
+// sits in a vector.
 //
 // Reproducibility: the batch rows of each model are cut into fixed groups whose size depends only on B
 // (group_rows); each group runs its whole time loop and sums its own partial weight and bias gradients in
