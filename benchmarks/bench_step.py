@@ -1,11 +1,13 @@
-"""Training-step throughput of irnn's engines against nn.RNN eager and the prototype's pipeline.
+"""Training-step throughput of irnn's engines against nn.RNN/LSTM/GRU eager and the prototype's pipeline.
 
 Prints one Markdown table: median ms per training step (forward, backward, clip,
 optimiser), samples/s, model-steps/s, the peak memory of each engine, and the
-ratio against ``nn.RNN`` eager measured in the same process. Engines are interleaved over
+ratio against ``nn.RNN`` eager measured in the same process; then the LSTM's and GRU's default engine
+against ``nn.LSTM`` / ``nn.GRU`` eager. Engines are interleaved over
 repeats so that a noisy shared machine affects all of them alike.
 
     python benchmarks/bench_step.py                  # CPU, T=150 and 400, 1 and 2 threads
+    python benchmarks/bench_step.py --batch 32       # the same at batch 32
     python benchmarks/bench_step.py --device cuda    # on a GPU
 """
 from __future__ import annotations
@@ -120,8 +122,12 @@ def engine_builders(seq_len: int, batch: int, device: torch.device, ensembles: l
         "nn.RNN eager": (lambda: make_library_step("torch", "irnn", seq_len, batch, device)[0], 1),
         "prototype pipeline": (lambda: make_prototype_step(seq_len, batch, device), 1),
         f"irnn default ({resolved})": (lambda: make_library_step("auto", "irnn", seq_len, batch, device)[0], 1),
-        "nn.LSTM eager": (lambda: make_library_step("torch", "lstm", seq_len, batch, device)[0], 1),
     }
+    for kind, module in (("lstm", "nn.LSTM"), ("gru", "nn.GRU")):  # the gated baselines: eager and irnn's default
+        gated = resolve_engine("auto", build_model(Config(model=kind), 2, 1), device)
+        rows[f"{module} eager"] = (lambda kind=kind: make_library_step("torch", kind, seq_len, batch, device)[0], 1)
+        rows[f"{kind.upper()} default ({gated})"] = (
+            lambda kind=kind: make_library_step("auto", kind, seq_len, batch, device)[0], 1)
     for n in ensembles:
         rows[f"ensemble N={n} ({resolved})"] = (lambda n=n: make_benchmark_step(n, seq_len, batch, device), n)
         if device.type == "cuda" and n > 16:
@@ -222,6 +228,12 @@ def main() -> None:
           f"{memory}: the most memory building the engine and 3 training steps added"
           + ("" if device.type == "cuda" else ", each row in a fresh process") + ".")
     by_key = {(name.split(" (")[0], T, th): ms for name, T, th, ms, *_ in rows}
+    for kind, module in (("LSTM", "nn.LSTM"), ("GRU", "nn.GRU")):
+        for (name, T, th), ms in by_key.items():
+            eager = by_key.get((f"{module} eager", T, th))
+            if name == f"{kind} default" and eager:
+                print(f"{kind} default, T={T}, {th} thread(s), batch {args.batch}: {eager / ms:.2f}x the speed of "
+                      f"{module} eager")
     for n in args.ensemble:
         for (name, T, th), ms in by_key.items():
             alone = by_key.get((f"{n} models one after another", T, th))

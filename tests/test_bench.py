@@ -29,14 +29,19 @@ def test_bench_step_prints_every_engine_and_the_ensemble_baseline():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| engine")]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names[:4] == ["nn.RNN eager", "prototype pipeline", names[2], "nn.LSTM eager"]
+    assert names[:7] == ["nn.RNN eager", "prototype pipeline", names[2], "nn.LSTM eager", names[4], "nn.GRU eager",
+                         names[6]]
     assert names[2].startswith("irnn default (") and any(n.startswith("ensemble N=2 (") for n in names)
+    assert names[4].startswith("LSTM default (") and names[6].startswith("GRU default (")
     assert any(n.startswith("2 models one after another (") for n in names)
     for r in rows:  # ms/step and the ratio are positive numbers; each row has its own peak memory
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert float(cells[3]) > 0 and float(cells[7].rstrip("x")) > 0
         assert cells[6] == "n/a" if not HAS_PROC else float(cells[6]) >= 0
     assert re.search(r"ensemble N=2, T=12, 1 thread\(s\): [0-9.]+x the throughput of the same 2 models", out.stdout)
+    for kind in ("LSTM", "GRU"):
+        assert re.search(rf"{kind} default, T=12, 1 thread\(s\), batch 4: [0-9.]+x the speed of nn.{kind} eager",
+                         out.stdout)
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="resident-memory peaks need Linux /proc")

@@ -1,7 +1,8 @@
 """Training-step engines: the plain PyTorch reference and the fast paths that must equal it.
 
 * ``torch``: ``model(x)`` on ``nn.RNN/LSTM/GRU`` (cuDNN on GPU), eager.
-* ``fused``: CPU, ReLU/tanh RNNs: a compiled time loop with a hand-written BPTT (``engine.fused``).
+* ``fused``: CPU: a compiled time loop with a hand-written BPTT, ``engine.fused`` for ReLU/tanh RNNs and
+  ``engine.fused_gates`` for LSTMs and GRUs.
 * ``cuda-graph``: CUDA: the whole step (forward, backward, clip, optimiser) replayed as one graph.
 
 ``auto`` picks ``fused`` on CPU where it applies, ``cuda-graph`` on CUDA, else ``torch``.
@@ -18,6 +19,7 @@ from ..models import RNN_KINDS, RecurrentModel
 from . import update
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+GATED_KINDS = ("lstm", "gru")
 
 
 def resolve_engine(engine: str, model: RecurrentModel, device: torch.device, optimizer_name: str = "adam") -> str:
@@ -33,10 +35,16 @@ def resolve_engine(engine: str, model: RecurrentModel, device: torch.device, opt
             except ImportError:  # a broken install: the reference path still works
                 return "torch"
             return "fused" if fused.supports(model.rnn) and fused.available() else "torch"
+        if model.kind in GATED_KINDS:
+            try:
+                from . import fused_gates
+            except ImportError:
+                return "torch"
+            return "fused" if fused_gates.supports(model.rnn) and fused_gates.available() else "torch"
         return "torch"
     if engine == "fused":
-        if device.type != "cpu" or model.kind not in RNN_KINDS:
-            raise ValueError(f"engine 'fused' runs ReLU/tanh RNNs on the CPU, not {model.kind} on {device.type}")
+        if device.type != "cpu" or (model.kind not in RNN_KINDS and model.kind not in GATED_KINDS):
+            raise ValueError(f"engine 'fused' runs RNNs, LSTMs and GRUs on the CPU, not {model.kind} on {device.type}")
     if engine == "cuda-graph" and device.type != "cuda":
         raise ValueError("engine 'cuda-graph' needs a CUDA device")
     return engine
@@ -59,6 +67,10 @@ def numerics(engine: str) -> dict:
 
 def make_forward(model: RecurrentModel, engine: str) -> Forward:
     """``x [B, T, I] -> pred [B, out]`` for a resolved engine (``cuda-graph`` evaluates eagerly)."""
+    if engine == "fused" and model.kind in GATED_KINDS:
+        from . import fused_gates
+
+        return lambda x: model.readout(fused_gates.gates_forward(model.rnn, x, last_only=True))
     if engine == "fused":
         from . import fused
 
