@@ -294,7 +294,7 @@ def test_stacked_member_equals_the_model_alone_bitwise():
 def test_every_instruction_set_agrees(isa, monkeypatch):
     if NO_EXTENSION:
         pytest.skip("IRNN_NO_EXTENSION is set")
-    if fused._ISA[isa] > fused._ops.best_isa():
+    if fused.ISA[isa] > fused._ops.best_isa():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("IRNN_FUSED_ISA", isa)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
@@ -318,7 +318,7 @@ def test_in_loop_recurrent_weight_grad_equals_the_gemm(threads, n_models, hidden
     # threads or not, on every instruction set (each pads rows to its own vector width).
     if NO_EXTENSION:
         pytest.skip("IRNN_NO_EXTENSION is set")
-    if isa != "auto" and fused._ISA[isa] > fused._ops.best_isa():
+    if isa != "auto" and fused.ISA[isa] > fused._ops.best_isa():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("IRNN_FUSED_ISA", isa)
     torch.set_num_threads(threads)
@@ -457,3 +457,17 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     assert out.shape == (2, 4, 5)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "no compiler" in messages[0] and "\n" not in messages[0]
+
+
+def test_each_source_builds_into_its_own_folder(tmp_path):
+    """Two checkouts at different versions share torch's extension folder: a build named only by the torch
+    version would be rebuilt by each over the other, and one would load the other's code."""
+    from irnn.engine.build import extension_name
+
+    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
+    a.write_text("int f() { return 1; }\n")
+    b.write_text("int f() { return 2; }\n")
+    assert extension_name("irnn_x", a) != extension_name("irnn_x", b)
+    assert extension_name("irnn_x", a) == extension_name("irnn_x", a)
+    assert extension_name("irnn_x", a) != extension_name("irnn_x", a, ["-O2"])
+    assert extension_name("irnn_x", a).startswith("irnn_x_")

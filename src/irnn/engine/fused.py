@@ -30,24 +30,18 @@ its own weights.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .build import ISA, extension_disabled, isa_code, load_ops
+
 __all__ = ["available", "rnn_layer", "rnn_forward", "supports"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_rnn.cpp"
-# Plain -O3: no -ffast-math (results must be reproducible) and no -march=native (the build cache may be
-# shared by different machines); the C++ picks AVX-512 / AVX2 / baseline code at run time instead.
-# -ffp-contract=fast lets the compiler fuse multiply-adds in the AVX2/AVX-512 kernels (-std=c++17/20 turns it off).
-_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
-_ISA = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
 _IMPLS = ("auto", "cpp", "python")
 _NONLINEARITIES = ("relu", "tanh")
 
@@ -59,43 +53,24 @@ def _load():
     """The compiled ops, building them on first use; None if the build failed (warned once)."""
     global _ops, _build_failed
     if _ops is None and not _build_failed:
-        try:
-            from torch.utils.cpp_extension import load
-            # One build per torch version and source: two checkouts of different versions (or a test's
-            # copy) would otherwise rebuild one shared folder over each other, each loading the other's code.
-            digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:10]
-            name = f"irnn_fused_rnn_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
-            load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
-            _ops = torch.ops.irnn_fused
-        except Exception as exc:  # compiler missing, headers mismatch, ...: fall back, but say so once
-            _build_failed = True
-            lines = str(exc).strip().splitlines() or [""]
-            reason = next((line for line in lines if "error" in line.lower() and "building extension" not in line),
-                          lines[0]).strip()[:300]
-            warnings.warn(f"irnn: could not build the fused C++ RNN engine ({type(exc).__name__}: {reason}); "
-                          "using the slower pure-PyTorch path", RuntimeWarning, stacklevel=3)
+        _ops = load_ops("irnn_fused_rnn", _SOURCE, "irnn_fused", "RNN")
+        _build_failed = _ops is None
     return _ops
 
 
 def available() -> bool:
     """Whether the C++ engine can be used (builds it on the first call). False if ``IRNN_NO_EXTENSION=1``."""
-    if os.environ.get("IRNN_NO_EXTENSION", "") not in ("", "0"):
+    if extension_disabled():
         return False
     return _load() is not None
 
 
-def _isa() -> int:
-    """Instruction set for the C++ kernel: ``IRNN_FUSED_ISA`` = auto (default), avx512, avx2 or generic."""
-    name = os.environ.get("IRNN_FUSED_ISA", "auto").lower()
-    if name not in _ISA:
-        raise ValueError(f"IRNN_FUSED_ISA={name!r} is not one of {', '.join(_ISA)}")
-    return _ISA[name]
+_isa = isa_code
 
 
 def isa_name() -> str:
     """The instruction set the C++ kernel runs with here (``IRNN_FUSED_ISA`` resolved against the CPU)."""
-    best = {v: k for k, v in _ISA.items()}[_load().best_isa()] if available() else "none"
+    best = {v: k for k, v in ISA.items()}[_load().best_isa()] if available() else "none"
     requested = os.environ.get("IRNN_FUSED_ISA", "auto").lower()
     return best if requested == "auto" else requested
 

@@ -20,22 +20,17 @@ build; ``IRNN_NO_EXTENSION=1`` and ``IRNN_FUSED_ISA`` apply to both). Without it
 """
 from __future__ import annotations
 
-import os
-import re
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .build import extension_disabled, isa_code, load_ops
+
 __all__ = ["available", "gates_layer", "gates_forward", "supports"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_gates.cpp"
-# As for fused_rnn.cpp: no -ffast-math (reproducible results), no -march=native (the kernels pick their
-# instruction set at run time); -ffp-contract=fast lets the compiler fuse multiply-adds.
-_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
-_ISA = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
 _IMPLS = ("auto", "cpp", "python")
 _MODES = ("lstm", "gru")
 _GATES = {"lstm": 4, "gru": 3}
@@ -48,35 +43,19 @@ def _load():
     """The compiled ops, building them on first use; None if the build failed (warned once)."""
     global _ops, _build_failed
     if _ops is None and not _build_failed:
-        try:
-            from torch.utils.cpp_extension import load
-
-            name = "irnn_fused_gates_" + re.sub(r"\W", "_", torch.__version__)
-            load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
-            _ops = torch.ops.irnn_gates
-        except Exception as exc:  # compiler missing, headers mismatch, ...: fall back, but say so once
-            _build_failed = True
-            lines = str(exc).strip().splitlines() or [""]
-            reason = next((line for line in lines if "error" in line.lower() and "building extension" not in line),
-                          lines[0]).strip()[:300]
-            warnings.warn(f"irnn: could not build the fused C++ LSTM/GRU engine ({type(exc).__name__}: {reason}); "
-                          "using the slower pure-PyTorch path", RuntimeWarning, stacklevel=3)
+        _ops = load_ops("irnn_fused_gates", _SOURCE, "irnn_gates", "LSTM/GRU")
+        _build_failed = _ops is None
     return _ops
 
 
 def available() -> bool:
     """Whether the C++ engine can be used (builds it on the first call). False if ``IRNN_NO_EXTENSION=1``."""
-    if os.environ.get("IRNN_NO_EXTENSION", "") not in ("", "0"):
+    if extension_disabled():
         return False
     return _load() is not None
 
 
-def _isa() -> int:
-    name = os.environ.get("IRNN_FUSED_ISA", "auto").lower()
-    if name not in _ISA:
-        raise ValueError(f"IRNN_FUSED_ISA={name!r} is not one of {', '.join(_ISA)}")
-    return _ISA[name]
+_isa = isa_code
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -198,6 +197,26 @@ IRNN_INLINE void rank_update_rows(const T* A, int64_t lda, const int32_t* units,
   }
   if constexpr (CBMAX > 1) {
     if (nvec - c >= 1) { rank_update_units<T, VB, RBMAX, 1>(A, lda, units, nu, M, ldm, R, C, ldc, c * L); c += 1; }
+  }
+}
+
+// C[r, :W] = bias[:W] (or 0) + sum_k A[r, k] M[k, :W] for rows r0 <= r < r1, k in order. Each row gets
+// its numbers from the same code whatever rows the caller hands it together. A BLAS does not promise that:
+// which rows fall in its edge tiles follows the thread count, and on some CPUs those tiles round
+// differently (seen on AMD: 1e-7 between 1 and 3 threads for [B*T, 12] x [12, H]).
+template <typename T>
+IRNN_INLINE void rows_gemm_impl(const T* __restrict A, int64_t lda, int64_t K, const T* __restrict M, int64_t ldm,
+                                const T* __restrict bias, int64_t W, T* __restrict C, int64_t ldc, int64_t r0,
+                                int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* __restrict c = C + r * ldc;
+    const T* a = A + r * lda;
+    for (int64_t j = 0; j < W; ++j) c[j] = bias ? bias[j] : T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T s = a[k];
+      const T* __restrict m = M + k * ldm;
+      for (int64_t j = 0; j < W; ++j) c[j] += s * m[j];
+    }
   }
 }
 
@@ -582,6 +601,15 @@ template <typename T> IRNN_AVX512 void rows_product_avx512(const T* A, int64_t l
                                                           const T* M, int64_t ldm, int64_t R, T* C, int64_t ldc) {
   rank_update_rows<T, 64, IRNN_RB512, IRNN_CB512>(A, lda, units, nu, M, ldm, R, C, ldc);
 }
+template <typename T> IRNN_AVX512 void rows_gemm_avx512(const T* A, int64_t lda, int64_t K, const T* M, int64_t ldm,
+                                                       const T* bias, int64_t W, T* C, int64_t ldc, int64_t r0,
+                                                       int64_t r1) {
+  rows_gemm_impl<T>(A, lda, K, M, ldm, bias, W, C, ldc, r0, r1);
+}
+template <typename T> IRNN_AVX2 void rows_gemm_avx2(const T* A, int64_t lda, int64_t K, const T* M, int64_t ldm,
+                                                   const T* bias, int64_t W, T* C, int64_t ldc, int64_t r0, int64_t r1) {
+  rows_gemm_impl<T>(A, lda, K, M, ldm, bias, W, C, ldc, r0, r1);
+}
 template <typename T> IRNN_AVX2 void forward_rows_avx2(const FwdArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   forward_rows_impl<T, 32, 4, 3>(a, n, r0, r1);
 }
@@ -603,6 +631,10 @@ template <typename T> void forward_rows_generic(const FwdArgs<T>& a, int64_t n, 
 }
 template <typename T> void backward_rows_generic(const BwdArgs<T>& a, int64_t n, int64_t r0, int64_t r1, int64_t item) {
   backward_rows_impl<T, 16, 4, 3>(a, n, r0, r1, item);
+}
+template <typename T> void rows_gemm_generic(const T* A, int64_t lda, int64_t K, const T* M, int64_t ldm,
+                                            const T* bias, int64_t W, T* C, int64_t ldc, int64_t r0, int64_t r1) {
+  rows_gemm_impl<T>(A, lda, K, M, ldm, bias, W, C, ldc, r0, r1);
 }
 template <typename T> void rows_product_generic(const T* A, int64_t lda, const int32_t* units, int64_t nu, const T* M,
                                                 int64_t ldm, int64_t R, T* C, int64_t ldc) {
@@ -672,6 +704,25 @@ void for_models(int64_t N, const F& fn) {
   parallel_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
     at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the workers
     for (int64_t n = lo; n < hi; ++n) fn(n);
+  });
+}
+
+// C_n[:R, :W] = bias_n + A_n[:R, :K] M_n[:K, :W] for each model n (model strides *_n, rows in parallel):
+// rows_gemm_impl, so the numbers do not depend on the thread count (unlike a BLAS call).
+template <typename T>
+void gemm_rows(Isa isa, int64_t N, int64_t R, int64_t K, int64_t W, const T* A, int64_t a_n, int64_t lda,
+               const T* M, int64_t m_n, int64_t ldm, const T* bias, int64_t bias_n, T* C, int64_t c_n, int64_t ldc) {
+  auto fn = rows_gemm_generic<T>;
+#if IRNN_X86
+  if (isa == kAvx512) fn = rows_gemm_avx512<T>;
+  if (isa == kAvx2) fn = rows_gemm_avx2<T>;
+#endif
+  parallel_ftz(0, N * R, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi;) {
+      const int64_t n = i / R, r0 = i % R, r1 = std::min(R, r0 + (hi - i));
+      fn(A + n * a_n, lda, K, M + n * m_n, ldm, bias ? bias + n * bias_n : nullptr, W, C + n * c_n, ldc, r0, r1);
+      i += r1 - r0;
+    }
   });
 }
 
@@ -803,13 +854,9 @@ void run_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& 
       for (int64_t j = 0; j < H; ++j) bias[n * HP + j] = bi.data_ptr<T>()[n * H + j] + bh.data_ptr<T>()[n * H + j];
   } else {
     xp = workspace(0, {N, B * T_, H}, x.options());
-    const at::Tensor bias_sum = at::add(b_ih, b_hh), xv = x.view({N, B * T_, I});
-    // One GEMM per model, so a stacked model gets what it gets alone; it sums over the I inputs only, which
-    // BLAS does not split between threads (it does split a long reduction, such as one over batch x time).
-    for_models(N, [&](int64_t n) {
-      at::Tensor xpn = xp.select(0, n);
-      at::addmm_out(xpn, bias_sum.select(0, n), xv.select(0, n), w_ih.select(0, n).t());
-    });
+    const at::Tensor bias_sum = at::add(b_ih, b_hh).contiguous(), wit = w_ih.transpose(1, 2).contiguous();
+    gemm_rows<T>(isa, N, B * T_, I, H, x.data_ptr<T>(), B * T_ * I, I, wit.data_ptr<T>(), I * H, H,
+                 bias_sum.data_ptr<T>(), H, xp.data_ptr<T>(), B * T_ * H, H);
   }
   FwdArgs<T> a{xp.defined() ? xp.data_ptr<T>() : nullptr, x.data_ptr<T>(), wi.data(), bias.data(), I,
                out.data_ptr<T>(), wt.data(), B, T_, H, HP, relu, &tanh_rows<T>};
@@ -952,7 +999,6 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
   for (int64_t n = 1; n < N && compact; ++n)  // compact to [N, 2, HP]
     std::copy_n(bits.data() + n * groups * 2 * HP, 2 * HP, bits.data() + n * 2 * HP);
 
-  const at::Tensor dzf = dz.view({N, B * T_, H});  // rows (b, t), batch-major like x and out
   const at::Tensor xc = x.contiguous();
   at::Tensor dx = at::empty({0}, opt);
   const bool small = I <= kIMax;
@@ -967,12 +1013,11 @@ std::vector<at::Tensor> run_backward(const at::Tensor& gout, const at::Tensor& x
     dw_ih = rows_product<T>(rp, N, dz.data_ptr<T>(), B * T_ * H, H, xt.data_ptr<T>(), B * T_ * I, I, B * T_, H, I,
                             padded(I, isa, sizeof(T)), nullptr, HP, opt);
   }
-  if (need_x) {  // a GEMM per model that sums over H only (BLAS splits no such short reduction)
+  if (need_x) {  // dx = dz W_ih, row by row (gemm_rows: the same numbers on any thread count)
     dx = at::empty({N, B, T_, I}, opt);
-    for_models(N, [&](int64_t n) {
-      at::Tensor o = dx.select(0, n).view({B * T_, I});
-      at::mm_out(o, dzf.select(0, n), w_ih.select(0, n));
-    });
+    const at::Tensor wi = w_ih.contiguous();
+    gemm_rows<T>(isa, N, B * T_, H, I, dz.data_ptr<T>(), B * T_ * H, H, wi.data_ptr<T>(), H * I, I, nullptr, 0,
+                 dx.data_ptr<T>(), B * T_ * I, I);
   }
   if (in_loop) return {dx, dw_ih, sum_partials<T>(partials.data_ptr<T>(), N, groups, H, HP, opt), db};
   // Otherwise dW_hh as one product over all flat rows: row i of dz pairs with row i - 1 of out, which is

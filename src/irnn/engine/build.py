@@ -1,0 +1,54 @@
+"""Building and loading the C++ engines, shared by ``fused`` (ReLU/tanh) and ``fused_gates`` (LSTM/GRU)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+# Plain -O3: no -ffast-math (results must be reproducible) and no -march=native (the build cache may be
+# shared by different machines); the C++ picks AVX-512 / AVX2 / baseline code at run time instead.
+# -ffp-contract=fast lets the compiler fuse multiply-adds in the AVX2/AVX-512 kernels (-std=c++17/20 turns it off).
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
+ISA = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+
+
+def extension_name(prefix: str, source: Path, cflags: list[str] = CFLAGS) -> str:
+    """One build folder per torch version, source and flags: two checkouts of different versions (or a
+    test's copy) would otherwise rebuild one shared folder over each other, each loading the other's code."""
+    digest = hashlib.sha1(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:10]
+    return f"{prefix}_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
+
+
+def load_ops(prefix: str, source: Path, namespace: str, what: str):
+    """Build (first use) and load ``source``; its ops under ``torch.ops.<namespace>``, or None if the
+    build failed, with one warning naming ``what`` falls back to the slower pure-PyTorch path."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=extension_name(prefix, source), sources=[str(source)], extra_cflags=CFLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return getattr(torch.ops, namespace)
+    except Exception as exc:  # compiler missing, headers mismatch, ...: fall back, but say so once
+        lines = str(exc).strip().splitlines() or [""]
+        reason = next((line for line in lines if "error" in line.lower() and "building extension" not in line),
+                      lines[0]).strip()[:300]
+        warnings.warn(f"irnn: could not build the fused C++ {what} engine ({type(exc).__name__}: {reason}); "
+                      "using the slower pure-PyTorch path", RuntimeWarning, stacklevel=4)
+        return None
+
+
+def extension_disabled() -> bool:
+    """``IRNN_NO_EXTENSION=1`` turns the C++ engines off (the pure-PyTorch paths run instead)."""
+    return os.environ.get("IRNN_NO_EXTENSION", "") not in ("", "0")
+
+
+def isa_code() -> int:
+    """Instruction set for the C++ kernels: ``IRNN_FUSED_ISA`` = auto (default), avx512, avx2 or generic."""
+    name = os.environ.get("IRNN_FUSED_ISA", "auto").lower()
+    if name not in ISA:
+        raise ValueError(f"IRNN_FUSED_ISA={name!r} is not one of {', '.join(ISA)}")
+    return ISA[name]
