@@ -75,6 +75,7 @@ class Config:
     seed: int = _f(0, "one seed for python, numpy, torch and the data")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    isa: str = _f("auto", "instruction set of the fused CPU kernels: auto (IRNN_FUSED_ISA, else the best the CPU has), avx512, avx2 or generic; results differ in the last bits between them, not between thread counts", choices=("auto", "avx512", "avx2", "generic"))
     out: str = _f("runs", "runs root folder")
     name: Optional[str] = _f(None, "run folder name (default: <model>-<T>__<opt>__s<seed>__<time>)")
     track: str = _f("", "extra trackers, comma separated: wandb, tensorboard (the local run store is always written)")

@@ -46,9 +46,26 @@ def extension_disabled() -> bool:
     return os.environ.get("IRNN_NO_EXTENSION", "") not in ("", "0")
 
 
+_isa_override: str | None = None  # set_isa: a run's ``isa`` field, which beats the environment
+
+
+def set_isa(name: str) -> None:
+    """Pin the C++ kernels' instruction set for this process (a run's ``isa`` config field); ``auto``
+    hands the choice back to ``IRNN_FUSED_ISA`` (default: the best the CPU has)."""
+    global _isa_override
+    if name.lower() not in ISA:
+        raise ValueError(f"isa={name!r} is not one of {', '.join(ISA)}")
+    _isa_override = None if name.lower() == "auto" else name.lower()
+
+
+def requested_isa() -> str:
+    """The instruction set asked for: a run's ``isa``, else ``IRNN_FUSED_ISA``, else ``auto``."""
+    return _isa_override or os.environ.get("IRNN_FUSED_ISA", "auto").lower()
+
+
 def isa_code() -> int:
-    """Instruction set for the C++ kernels: ``IRNN_FUSED_ISA`` = auto (default), avx512, avx2 or generic."""
-    name = os.environ.get("IRNN_FUSED_ISA", "auto").lower()
+    """Instruction set for the C++ kernels (:func:`requested_isa`): auto, avx512, avx2 or generic."""
+    name = requested_isa()
     if name not in ISA:
         raise ValueError(f"IRNN_FUSED_ISA={name!r} is not one of {', '.join(ISA)}")
     return ISA[name]

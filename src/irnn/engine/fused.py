@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .build import ISA, extension_disabled, isa_code, load_ops
+from .build import ISA, extension_disabled, isa_code, load_ops, requested_isa
 
 __all__ = ["available", "rnn_layer", "rnn_forward", "supports"]
 
@@ -71,8 +71,15 @@ _isa = isa_code
 def isa_name() -> str:
     """The instruction set the C++ kernel runs with here (``IRNN_FUSED_ISA`` resolved against the CPU)."""
     best = {v: k for k, v in ISA.items()}[_load().best_isa()] if available() else "none"
-    requested = os.environ.get("IRNN_FUSED_ISA", "auto").lower()
+    requested = requested_isa()
     return best if requested == "auto" else requested
+
+
+def check_isa(name: str) -> None:
+    """ValueError, in one line, when this CPU cannot run the instruction set ``name`` asks for."""
+    if name != "auto" and available() and ISA[name] > _load().best_isa():
+        best = {v: k for k, v in ISA.items()}[_load().best_isa()]
+        raise ValueError(f"isa={name}: this CPU's best instruction set is {best}")
 
 
 def _gemm_dw() -> bool:

@@ -82,7 +82,7 @@ def ensemble_key(cfg: Config) -> tuple | None:
             return None
     nonlinearity = RNN_KINDS[cfg.model]
     return (cfg.task, cfg.seq_len if cfg.task == "adding" else cfg.data_source, nonlinearity, cfg.hidden_size,
-            cfg.num_layers, cfg.batch_size, cfg.threads, cfg.device)
+            cfg.num_layers, cfg.batch_size, cfg.threads, cfg.device, cfg.isa)
 
 
 def _trainer(cfg: Config, out: Path, group: str | None, resume: bool) -> Trainer:

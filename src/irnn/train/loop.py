@@ -25,6 +25,7 @@ import torch
 
 from ..config import Config, ConfigError, from_dict
 from ..engine import make_forward, make_train_step, numerics, resolve_engine
+from ..engine.build import set_isa
 from ..models import build_model
 from ..runs import checkpoint as ckpt
 from ..runs.store import MetricsLog, RunDir, WriteError, default_run_name, git_revision, model_label
@@ -117,6 +118,7 @@ class Trainer:
         self.cfg, self.run, self.group = cfg, run, group
         self.on_record = on_record
         torch.set_flush_denormal(True)  # ReLU-RNN gradients decay into denormals: 6x slower CPU without this
+        set_isa(cfg.isa)  # every run sets it: a worker process trains members of different isa in turn
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
@@ -129,6 +131,10 @@ class Trainer:
         self.model = build_model(cfg, self.task.input_size, self.task.output_size).to(self.device)
         try:
             self.engine = resolve_engine(cfg.engine, self.model, self.device, cfg.optimizer)
+            if self.engine == "fused":
+                from ..engine import fused
+
+                fused.check_isa(cfg.isa)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.optimizer = make_optimizer(cfg, self.model.parameters(), capturable=self.engine == "cuda-graph")
