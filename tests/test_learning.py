@@ -15,3 +15,28 @@ def test_irnn_solves_short_adding_problem(tmp_path):
     assert s["solved_step"] is not None and s["solved_step"] <= 8000
     steps, mse = run.curve("test_mse")
     assert mse[0] > 0.05  # it starts near the plateau, so the drop is learned, not given
+
+
+def test_stop_when_solved_ends_a_run_early_and_stays_ended(tmp_path):
+    from irnn.experiments.sweep import _state_of
+    from irnn.runs.store import WALL_CLOCK_KEYS, iter_metrics
+
+    torch.set_num_threads(1)
+    base = dict(seq_len=30, steps=8000, batch_size=32, lr=2e-3, optimizer="adam", clip_norm=1.0, train_size=20_000,
+                test_size=1000, eval_every=250, log_every=250, quiet=True, seed=0)
+    run = irnn.train(irnn.Config(**base, stop_when_solved=3), out_dir=tmp_path / "stop")
+    s = run.summary
+    assert s["status"] == "completed" and "stopped_early" in s and _state_of(s) == "completed"
+    assert s["steps"] == s["solved_step"] + 2 * 250 < 8000, s  # three evaluations in a row below 0.01
+    assert s["final_test_mse"] < 0.01
+
+    def numbers(path):
+        return [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in iter_metrics(path / "metrics.jsonl")]
+
+    stopped = numbers(tmp_path / "stop")
+    again = irnn.train(resume=tmp_path / "stop")  # nothing left to train
+    assert again.summary["steps"] == s["steps"] and numbers(tmp_path / "stop") == stopped
+    # the same run without the stop follows the same trajectory up to there
+    full = irnn.train(irnn.Config(**{**base, "steps": s["steps"] + 250}), out_dir=tmp_path / "full")
+    assert numbers(tmp_path / "full")[:len(stopped)] == stopped
+    assert full.summary["steps"] == s["steps"] + 250

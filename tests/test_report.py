@@ -14,7 +14,8 @@ from irnn.config import ConfigError
 from irnn.experiments import collect, create, parse_spec, steps_to_threshold, write_report
 from irnn.experiments.aggregate import Member, SettingStats, best_settings, mean_std, settings, settings_table
 from irnn.experiments.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, verdicts
-from irnn.experiments.reproduce import make_figures, study_spec
+from irnn.experiments.reproduce import STANDARD_STEPS, make_figures, study_spec
+from irnn.experiments.sweep import expand as expand_spec
 
 BASELINE = 1 / 6
 EVERY = 250
@@ -158,63 +159,116 @@ def _by_key(vs):
 ALL = (150, 200, 300, 400)
 
 
-def test_verdict_models_solve():
-    ok = {("irnn", T): [1000, 1250, None] for T in ALL} | {("lstm", T): [2000, 2500, 2750] for T in ALL}
-    v = _by_key(verdicts(cells(ok), full_budget=True))
-    assert v["irnn_solves"].verdict == REPRODUCED and v["lstm_solves"].verdict == REPRODUCED
-    assert "2/3 seeds solved" in v["irnn_solves"].details[0]
+def _at(vs, key, where):
+    found = [v for v in vs if v.key == key and v.where == where]
+    assert len(found) == 1, [(v.key, v.where) for v in vs]
+    return found[0]
 
-    # the LSTM fails at 400: not reproduced with the full budget, inconclusive with a reduced one
-    bad = {**ok, ("lstm", 400): [None, None, 2500]}
-    assert _by_key(verdicts(cells(bad), full_budget=True))["lstm_solves"].verdict == NOT_REPRODUCED
-    assert _by_key(verdicts(cells(bad), full_budget=False))["lstm_solves"].verdict == INCONCLUSIVE
-    # a length not run: inconclusive even if the others are solved
+
+def test_binomial_and_mann_whitney_are_exact():
+    from irnn.experiments.report import binomial_tail, mann_whitney_greater, seeds_for_clear
+
+    assert binomial_tail(5, 5) == 1 / 32 and binomial_tail(4, 5) == 6 / 32 and binomial_tail(0, 3) == 1.0
+    assert seeds_for_clear() == 5  # 4 of 4 agreeing: p = 1/16 > 0.05; 5 of 5: 1/32
+    # 3 against 3 with no overlap: 1 split of C(6, 3) = 20 is as extreme
+    assert mann_whitney_greater([1, 2, 3], [4, 5, 6]) == pytest.approx(1 / 20)
+    assert mann_whitney_greater([4, 5, 6], [1, 2, 3]) == 1.0
+    inf = math.inf
+    assert mann_whitney_greater([1, 2, 3, 4, 5], [inf] * 5) == pytest.approx(1 / 252)
+    assert mann_whitney_greater([inf, inf], [inf, inf]) == 1.0  # all tied: no evidence
+
+
+def test_verdict_models_solve_per_length():
+    ok = {("irnn", T): [1000, 1250, None] for T in ALL} | {("lstm", T): [2000, 2500, 2750, 2000, 1000] for T in ALL}
+    vs = verdicts(cells(ok))
+    for T in ALL:
+        irnn, lstm = _at(vs, "irnn_solves", f"T={T}"), _at(vs, "lstm_solves", f"T={T}")
+        assert irnn.verdict == REPRODUCED and irnn.strength == "weak" and "2/3 seeds" in irnn.summary
+        assert "p = 0.500" in irnn.summary  # P(X >= 2 | 3, 1/2)
+        assert lstm.verdict == REPRODUCED and lstm.strength == "clear" and "p = 0.031" in lstm.summary
+    # the LSTM fails at 400 in 4 of 5 seeds: not reproduced there, still reproduced elsewhere
+    bad = {**ok, ("lstm", 400): [None, None, 2500, None, None]}
+    vs = verdicts(cells(bad))
+    assert _at(vs, "lstm_solves", "T=400").verdict == NOT_REPRODUCED
+    assert "1/5 seeds reached MSE < 0.01 within 3,000 steps" in _at(vs, "lstm_solves", "T=400").summary
+    assert _at(vs, "lstm_solves", "T=300").verdict == REPRODUCED
+    # an even split decides nothing and says what would
+    even = verdicts(cells({("irnn", 150): [1000, None, 1500, None]}))
+    assert _at(even, "irnn_solves", "T=150").verdict == INCONCLUSIVE and "more seeds" in _at(even, "irnn_solves", "T=150").summary
+    # a length not run: inconclusive there, with the budget that would decide it
     short = {k: x for k, x in ok.items() if k[1] != 300}
-    v = _by_key(verdicts(cells(short), full_budget=True))
-    assert v["irnn_solves"].verdict == INCONCLUSIVE and "not run: T = 300" in v["irnn_solves"].summary
+    v = _at(verdicts(cells(short)), "irnn_solves", "T=300")
+    assert v.verdict == INCONCLUSIVE and "--budget standard" in v.summary
+    # unfinished seeds: inconclusive, resume
+    ms = [member("irnn", 150, 0, curve(1000, 3000)), member("irnn", 150, 1, curve(None, 1000), state="running")]
+    v = _at(verdicts(best_settings(settings(ms))), "irnn_solves", "T=150")
+    assert v.verdict == INCONCLUSIVE and "resume" in v.summary
 
 
-def test_verdict_baselines_stay_near_baseline():
+def test_verdict_baselines_stay_near_baseline_per_model_and_length():
     near = {(m, T): [None, None, None] for m in ("rnn-tanh", "rnn-relu") for T in ALL}
-    assert _by_key(verdicts(cells(near), full_budget=True))["baselines_fail"].verdict == REPRODUCED
-    assert _by_key(verdicts(cells(near), full_budget=False))["baselines_fail"].verdict == INCONCLUSIVE
+    vs = [v for v in verdicts(cells(near)) if v.key == "baselines_fail"]
+    assert len(vs) == 8 and all(v.verdict == REPRODUCED and v.strength == "weak" for v in vs)
     learned = {**near, ("rnn-relu", 150): [1000, None, 1500]}
-    v = _by_key(verdicts(cells(learned), full_budget=False))["baselines_fail"]
-    assert v.verdict == NOT_REPRODUCED and "rnn-relu T=150" in v.summary
+    v150 = [v for v in verdicts(cells(learned)) if v.key == "baselines_fail" and v.where == "T=150"]
+    relu = next(v for v in v150 if "ReLU" in v.summary)
+    tanh = next(v for v in v150 if "tanh" in v.summary)
+    assert relu.verdict == NOT_REPRODUCED and "1/3 seeds stayed near" in relu.summary and tanh.verdict == REPRODUCED
     # clearly below the baseline without reaching 0.01 also counts against the claim
-    half = [member("rnn-tanh", T, i, curve(500, 3000, end=0.05)) for T in ALL for i in range(3)]
-    half += [member("rnn-relu", T, i, curve(None, 3000)) for T in ALL for i in range(3)]
-    assert _by_key(verdicts(best_settings(settings(half)), full_budget=True))["baselines_fail"].verdict == NOT_REPRODUCED
+    half = [member("rnn-tanh", 150, i, curve(500, 3000, end=0.05)) for i in range(3)]
+    v = [v for v in verdicts(best_settings(settings(half))) if v.key == "baselines_fail" and v.where == "T=150"]
+    assert next(x for x in v if "tanh" in x.summary).verdict == NOT_REPRODUCED
 
 
-@pytest.mark.parametrize("at150, at400, expected", [
-    ([1000, 1250, 1500], [4000, 4500, 5000], REPRODUCED),
-    ([4000, 4500, 5000], [1000, 1250, 1500], NOT_REPRODUCED),
-    ([1000, 2000, 3000], [1500, 2500, 2750], INCONCLUSIVE),  # difference 250 < seed std 1000
-    ([1000, 1250, 1500], [None, None, None], REPRODUCED),  # T=400 not solved within the budget
-    ([None, None, None], [1000, 1250, 1500], NOT_REPRODUCED),
-    ([None, None, None], [None, None, None], INCONCLUSIVE),
+@pytest.mark.parametrize("at150, at400, expected, strength", [
+    ([1000, 1250, 1500], [4000, 4500, 5000], REPRODUCED, "weak"),  # p = 1/20: 3 against 3 is never clear
+    ([1000, 1250, 1500, 1750, 2000], [4000, 4500, 5000, 5250, 5500], REPRODUCED, "clear"),  # p = 1/252
+    ([4000, 4500, 5000], [1000, 1250, 1500], NOT_REPRODUCED, "weak"),
+    ([1000, 2000, 3000], [1500, 2500, 2750], REPRODUCED, "weak"),  # medians 2000 < 2500, overlapping seeds
+    ([1000, 1250, 1500], [None, None, None], REPRODUCED, "weak"),  # T=400 not solved within the budget
+    ([None] * 5, [1000, 1250, 1500, 1750, 2000], NOT_REPRODUCED, "clear"),
+    ([None, None, None], [None, None, None], INCONCLUSIVE, ""),
+    ([1000, 2000, 3000], [3000, 2000, 1000], INCONCLUSIVE, ""),  # equal medians
 ])
-def test_verdict_steps_grow(at150, at400, expected):
+def test_verdict_steps_grow(at150, at400, expected, strength):
     c = cells({("irnn", 150): at150, ("irnn", 400): at400}, steps=6000)
-    v = _by_key(verdicts(c, full_budget=False))["steps_grow"]
-    assert v.verdict == expected, v.summary
-    one = _by_key(verdicts(cells({("irnn", 150): at150}), full_budget=False))["steps_grow"]
-    assert one.verdict == INCONCLUSIVE
+    v = _at(verdicts(c), "steps_grow", "T=150 → T=400")
+    assert (v.verdict, v.strength) == (expected, strength), v.summary
+    one = [v for v in verdicts(cells({("irnn", 150): at150})) if v.key == "steps_grow"]
+    assert len(one) == 1 and one[0].verdict == INCONCLUSIVE
+
+
+def test_verdict_steps_grow_per_consecutive_pair():
+    c = cells({("irnn", 150): [1000] * 3, ("irnn", 200): [2000] * 3, ("irnn", 300): [1500] * 3}, steps=6000)
+    vs = {v.where: v.verdict for v in verdicts(c) if v.key == "steps_grow"}
+    assert vs == {"T=150 → T=200": REPRODUCED, "T=200 → T=300": NOT_REPRODUCED}
 
 
 @pytest.mark.parametrize("at150, at200, optimizer, expected", [
     ([3000, 3250, 3500], [2000, 2250, 2500], "adam", REPRODUCED),
     ([2000, 2250, 2500], [3000, 3250, 3500], "adam", NOT_REPRODUCED),
-    ([3000, 3250, 3500], [2750, 3250, 3500], "adam", INCONCLUSIVE),  # within the seed spread
+    ([3000, 3250, 3500], [2750, 3250, 3500], "adam", INCONCLUSIVE),  # equal medians
     ([3000, 3250, 3500], [2000, 2250, 2500], "sgd", INCONCLUSIVE),  # the claim is about Adam
     ([None, None, None], [2000, 2250, 2500], "adam", REPRODUCED),
 ])
 def test_verdict_irnn_200_faster_with_adam(at150, at200, optimizer, expected):
     c = cells({("irnn", 150): at150, ("irnn", 200): at200}, steps=6000, optimizer=optimizer)
-    v = _by_key(verdicts(c, full_budget=False))["adam_200_faster"]
+    v = _by_key(verdicts(c))["adam_200_faster"]
     assert v.verdict == expected, v.summary
-    assert _by_key(verdicts(cells({("irnn", 150): at150}), full_budget=False))["adam_200_faster"].verdict == INCONCLUSIVE
+    assert _by_key(verdicts(cells({("irnn", 150): at150})))["adam_200_faster"].verdict == INCONCLUSIVE
+
+
+def test_a_verdict_that_flips_with_the_instruction_set_is_inconclusive():
+    from irnn.experiments.report import isa_check
+
+    main = verdicts(cells({("irnn", 150): [1000, 1500, None], ("irnn", 200): [1000, 1200, 1400]}))
+    other = verdicts(cells({("irnn", 150): [1000, None, None], ("irnn", 200): [1000, 1200, 1400]}))
+    irnn = [v for v in main if v.key == "irnn_solves"]
+    lines = isa_check(irnn, other, "avx2")
+    assert _at(main, "irnn_solves", "T=150").verdict == INCONCLUSIVE
+    assert "flips with the instruction set" in _at(main, "irnn_solves", "T=150").summary
+    assert _at(main, "irnn_solves", "T=200").verdict == REPRODUCED
+    assert sum("FLIPS" in line for line in lines) == 1 and len(lines) == 4  # T=150..400 (300 and 400 not run)
 
 
 # -- the report and `irnn plot` -------------------------------------------------------------------------
@@ -236,7 +290,7 @@ def test_report_and_plot_of_a_study(tmp_path, capsys):
                   "stay near the baseline", "grow with the sequence length", "irnn-200 converged slightly faster"):
         assert claim in text
     assert text.count(f"**{INCONCLUSIVE}**") >= 4 and "*Rule.*" in text
-    assert "T=150: solved — 1,500 ± 500 steps (3/3 seeds solved)" in text
+    assert "- 1,500 ± 500 steps (3/3 seeds solved)" in text and "s2: solved at 2,000" in text
     assert "sequence lengths 150 only" in text and "2.1 min" in text
     assert "1 failed" in text and "2 pending" in text
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
@@ -280,5 +334,46 @@ def test_verdict_of_a_length_whose_seeds_all_failed_before_a_summary():
           if (m, T) != ("irnn", 400)]
     ms += [Member(name=f"irnn-400__s{s}", path=Path("/nonexistent"), state="failed", summary={"status": "failed"},
                   config={**member("irnn", 400, s, []).config}) for s in range(2)]
-    v = _by_key(verdicts(best_settings(settings(ms)), full_budget=True))["irnn_solves"]
-    assert v.verdict == NOT_REPRODUCED and any(d.startswith("T=400: not solved") for d in v.details)
+    v = _at(verdicts(best_settings(settings(ms))), "irnn_solves", "T=400")
+    assert v.verdict == NOT_REPRODUCED and "0/2 seeds" in v.summary
+
+
+def test_standard_study_spec():
+    spec, meta = study_spec("seed", "standard")
+    members = expand_spec(spec)
+    by = {}
+    for c in members.values():
+        by.setdefault((c.model, c.seq_len, c.isa), []).append(c)
+    for T in ALL:
+        assert len(by[("irnn", T, "auto")]) == len(by[("lstm", T, "auto")]) == 5
+        assert len(by[("rnn-tanh", T, "auto")]) == len(by[("rnn-relu", T, "auto")]) == 3
+        assert {c.steps for (m, t, _), cs in by.items() if t == T for c in cs} == {STANDARD_STEPS[T]}
+        pinned = [k for k in by if k[0] == "irnn" and k[1] == T and k[2] != "auto"]
+        assert len(pinned) <= 1 and all(len(by[k]) == 5 for k in pinned)
+    assert not meta["full_budget"] and any("steps at T=400" in r for r in meta["reductions"])
+    # the costliest members first: two workers then finish together
+    assert next(iter(members.values())).seq_len == 400 and next(iter(members.values())).model == "lstm"
+    with pytest.raises(ConfigError):
+        study_spec("paper", "standard")
+
+
+def test_report_compares_the_instruction_sets(tmp_path):
+    g = [{"model": ["irnn"], "seq_len": [150, 200], "seed": [0, 1, 2]},
+         {"model": ["irnn"], "seq_len": [150, 200], "seed": [0, 1, 2], "isa": ["generic"]}]
+    solve = {(150, "auto"): [1000, 1500, None], (200, "auto"): [2000, None, None],
+             (150, "generic"): [1000, 1250, 1750], (200, "generic"): [2000, 2500, None]}
+    sw = create(parse_spec({"name": "isa", "base": {"steps": 3000, "eval_every": EVERY}, "grid": g}), tmp_path,
+                meta={"study": "adding", "lengths": [150, 200]})
+    for n in sw.names:
+        cfg = sw.configs[n]
+        write_run(sw.member_dir(n), cfg, curve(solve[(cfg["seq_len"], cfg.get("isa", "auto"))][cfg["seed"]], 3000))
+    sw.update_index({n: {"state": "completed"} for n in sw.names})
+    text = write_report(sw.path).read_text()
+    section = text[text.index("## Instruction-set check"):]
+    assert "pinned to `generic`" in section and "T=150 3/3 solved (s0 1,000, s1 1,250, s2 1,750)" in section
+    # T=200: 1 of 3 by default, 2 of 3 under generic: the verdict flips, so it is inconclusive
+    assert "The IRNN solves the adding problem at T = 150, 200, 300 and 400, T=200: FLIPS" in section
+    row = next(line for line in text.splitlines() if line.startswith("| The IRNN solves") and "| T=200 |" in line)
+    assert f"**{INCONCLUSIVE}**" in row and "flips with the instruction set" in row
+    # the results table holds the default members only
+    assert (sw.path / "members.csv").read_text().count("\n") == 7

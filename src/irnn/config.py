@@ -63,6 +63,7 @@ class Config:
     epochs: Optional[int] = _f(None, "budget in epochs over the training set; overrides --steps when given")
     eval_every: int = _f(500, "evaluate on the test set every N steps")
     log_every: int = _f(100, "log the mean training loss every N steps")
+    stop_when_solved: int = _f(0, "end the run once the primary metric is past the solved threshold at N evaluations in a row (0 = train the whole budget)")
     # --- robustness -------------------------------------------------------
     guard: bool = _f(True, "divergence guard: roll back and lower the lr on NaN/inf or an exploding loss; with --no-guard the raw curve is kept and the run stops as diverged at the first NaN/inf")
     guard_factor: float = _f(20.0, "a loss above guard_factor x its recent median counts as divergence")
@@ -237,7 +238,7 @@ def validate(cfg: Config) -> Config:
               "guard_lr_decay", "keep_checkpoints")
     if cfg.epochs is not None and cfg.epochs <= 0:
         raise ConfigError(f"epochs must be > 0, got {cfg.epochs}")
-    for n in ("init_scale", "recurrent_std", "input_std", "momentum", "ckpt_every", "guard_retries", "threads"):
+    for n in ("init_scale", "recurrent_std", "input_std", "momentum", "ckpt_every", "guard_retries", "threads", "stop_when_solved"):
         if getattr(cfg, n) < 0:
             raise ConfigError(f"{n} must be >= 0, got {getattr(cfg, n)}")
     if cfg.momentum >= 1:

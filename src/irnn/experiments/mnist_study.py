@@ -81,6 +81,8 @@ def _quick() -> Budget:
 
 
 def budget_for(budget: str) -> Budget:
+    if budget == "standard":
+        raise ConfigError("--budget standard is for the adding study; the mnist study has quick and full")
     if budget not in ("quick", "full"):
         raise ConfigError(f"unknown budget {budget!r}; choose one of: quick, full")
     return _quick() if budget == "quick" else _full()

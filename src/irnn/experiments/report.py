@@ -8,6 +8,9 @@ paper trained far longer, so only a full budget can turn "not solved" into "not 
 """
 from __future__ import annotations
 
+import itertools
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -16,29 +19,29 @@ from .aggregate import MODEL_NAMES, SettingStats, find_cell
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive at this budget"
 PAPER_LENGTHS = (150, 200, 300, 400)
-NEAR_BASELINE = 0.5  # "near the baseline": mean final MSE at least this fraction of the baseline
+NEAR_BASELINE = 0.5  # "near the baseline": final MSE at least this fraction of the baseline
+ALPHA = 0.05  # a verdict is "clear" when its one-sided exact test gives p < ALPHA, "weak" otherwise
+
+_COUNT_RULE = (f"Each seed counts for or against the claim, and the majority of the seeds decides; an even split, "
+               f"an unfinished seed or a length not run leaves it inconclusive (the details say what would decide "
+               f"it). Uncertainty: the one-sided exact binomial test of that majority against a fair coin; "
+               f"p < {ALPHA:g} is a clear verdict, otherwise a weak one (with the number of seeds that, all agreeing, "
+               f"would make it clear). The verdict holds for the step budget the study ran, stated with it.")
+_STEPS_RULE = (f"Steps to test MSE < 0.01 of the IRNN's seeds at the two lengths, a seed that never got there "
+               f"counting as slower than every seed that did. The medians decide; equal medians, or both "
+               f"lengths unsolved by most seeds, leave it inconclusive. Uncertainty: the one-sided exact "
+               f"Mann-Whitney test of the two sets of seeds (p < {ALPHA:g}: clear, otherwise weak).")
 
 RULES = {
-    "irnn_solves": "A length counts as solved when more than half of the seeds of the chosen setting reach "
-                   "test MSE < 0.01 at some evaluation. Reproduced: all four lengths run and solved. Not reproduced: "
-                   "a length ran its full budget without being solved. Otherwise (a length not run, runs "
-                   "unfinished, or not solved within a reduced budget): inconclusive.",
-    "lstm_solves": "As for the IRNN, for the LSTM's chosen setting.",
-    "baselines_fail": f"A model stays near the baseline at a length when no seed reaches test MSE < 0.01 and its mean "
-                      f"final test MSE is at least {NEAR_BASELINE:g} x the constant-prediction baseline. Not reproduced: "
-                      f"the tanh RNN or the Gaussian ReLU RNN gets clearly below that at any length run (more training "
-                      f"would only lower it further). Reproduced: both stay near the baseline at all four lengths with "
-                      f"the full budget. Otherwise inconclusive.",
-    "steps_grow": "IRNN steps to test MSE < 0.01 (mean over the seeds that solved it) at the shortest and the longest "
-                  "length run. Reproduced: the longest needs more steps by more than the larger seed standard "
-                  "deviation of the two, or the longest was not solved within its budget while the shortest was. Not "
-                  "reproduced: the opposite. Inconclusive: the difference is within that spread, fewer than two "
-                  "lengths ran, or neither was solved.",
-    "adam_200_faster": "IRNN trained with Adam, steps to test MSE < 0.01 at T=200 against T=150 (means over the seeds "
-                       "that solved). Reproduced: T=200 needs fewer steps by more than the larger seed standard "
-                       "deviation, or only T=200 was solved. Not reproduced: T=200 needs more steps by more than that "
-                       "spread, or only T=150 was solved. Inconclusive: the difference is within the seed spread, a "
-                       "length was not run or not solved, or the IRNN did not use Adam.",
+    "irnn_solves": "A seed counts for the claim when it reaches test MSE < 0.01 at some evaluation within the "
+                   "length's step budget. " + _COUNT_RULE,
+    "lstm_solves": "As for the IRNN, for the LSTM's seeds. " + _COUNT_RULE,
+    "baselines_fail": f"A seed counts for the claim when it never reaches test MSE < 0.01 and ends at a test MSE of "
+                      f"at least {NEAR_BASELINE:g} x the constant-prediction baseline, for the tanh RNN and the "
+                      f"Gaussian ReLU RNN separately. " + _COUNT_RULE,
+    "steps_grow": "The IRNN at each pair of consecutive lengths run: the longer needs more steps. " + _STEPS_RULE,
+    "adam_200_faster": "The IRNN trained with Adam at T=200 against T=150: T=200 needs fewer steps (the claim is "
+                       "about Adam: any other optimiser leaves it inconclusive). " + _STEPS_RULE,
 }
 
 CLAIMS = {
@@ -60,6 +63,8 @@ class Verdict:
     summary: str  # one line with the numbers
     details: list[str] = field(default_factory=list)
     rule_text: str = ""  # a study's own rule; the adding study's come from RULES
+    where: str = ""  # the length (or pair of lengths, or task) it is about; "" for the whole study
+    strength: str = ""  # "clear" / "weak" where a test stands behind the verdict
 
     @property
     def rule(self) -> str:
@@ -70,8 +75,66 @@ def _unfinished(c: SettingStats) -> int:
     return sum(1 for m in c.members if m.state in ("pending", "running"))
 
 
-def _solved(c: SettingStats) -> bool:
-    return 2 * c.n_solved > c.n
+def binomial_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2): the exact one-sided p of k of n seeds agreeing by chance."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+def seeds_for_clear(alpha: float = ALPHA) -> int:
+    """The fewest seeds that, all agreeing, give a clear verdict (p < alpha): 5 for alpha 0.05."""
+    n = 1
+    while binomial_tail(n, n) >= alpha:
+        n += 1
+    return n
+
+
+def mann_whitney_greater(a: Sequence[float], b: Sequence[float]) -> float:
+    """Exact one-sided p that ``b`` tends to be larger than ``a`` (all splits of the pooled values; ties
+    count half); values may be ``math.inf`` (a seed that never solved)."""
+    pooled = list(a) + list(b)
+    na = len(a)
+
+    def u(bs: Sequence[float], as_: Sequence[float]) -> float:
+        return sum(1.0 if y > x else 0.5 if y == x else 0.0 for y in bs for x in as_)
+
+    observed = u(b, a)
+    splits = list(itertools.combinations(range(len(pooled)), na))
+    hits = 0
+    for idx in splits:
+        chosen = set(idx)
+        aa = [pooled[i] for i in idx]
+        bb = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        hits += u(bb, aa) >= observed - 1e-12
+    return hits / len(splits)
+
+
+def _count_verdict(agree: int, n: int, unfinished: int) -> tuple[str, str, str]:
+    """Verdict, strength and its text for ``agree`` of ``n`` seeds counting for a claim."""
+    if unfinished:
+        return INCONCLUSIVE, "", f"{unfinished} of {n} seeds unfinished: resume the study to decide"
+    if 2 * agree == n:
+        return INCONCLUSIVE, "", (f"an even split ({agree} of {n}): decide with more seeds (an odd number, at least "
+                                  f"{max(n + 1, seeds_for_clear())})")
+    verdict = REPRODUCED if 2 * agree > n else NOT_REPRODUCED
+    p = binomial_tail(max(agree, n - agree), n)
+    if p < ALPHA:
+        return verdict, "clear", f"{agree} of {n} seeds for it; clear (exact binomial p = {p:.3f})"
+    return verdict, "weak", (f"{agree} of {n} seeds for it; weak (exact binomial p = {p:.3f}; {seeds_for_clear()} "
+                             f"seeds all agreeing would make it clear)")
+
+
+def _final_text(m) -> str:
+    return "no final MSE" if m.final is None else f"final MSE {m.final:.3g}"
+
+
+def _seed_line(c: SettingStats) -> str:
+    parts = []
+    for m in sorted(c.members, key=lambda m: m.seed):
+        s = m.steps_to_threshold()
+        parts.append(f"s{m.seed}: " + (f"solved at {s:,}" if s is not None else
+                                       "unfinished" if m.state in ("pending", "running") else
+                                       f"not solved, {_final_text(m)}"))
+    return "; ".join(parts)
 
 
 def _steps_str(c: SettingStats) -> str:
@@ -84,144 +147,133 @@ def _steps_str(c: SettingStats) -> str:
     return f"{m:,.0f}" + (f" ± {s:,.0f}" if c.n_solved > 1 else "") + f" steps ({c.n_solved}/{c.n} seeds solved)"
 
 
-def _final_str(c: SettingStats) -> str:
-    m, s = c.final
-    if m is None:
-        return "no finished seed"
-    text = f"final MSE {m:.3g}" + (f" ± {s:.2g}" if len(c.finished) > 1 else "")
-    base = c.baseline
-    if base:
-        below = sum(1 for mm in c.finished if mm.final is not None and mm.final < NEAR_BASELINE * base)
-        text += f" ({m / base:.0%} of the baseline; {below} of {len(c.finished)} seeds ended below half of it)"
-    return text
+def _lengths_run(cells: Sequence[SettingStats], lengths: Sequence[int]) -> list[int]:
+    return sorted(set(lengths) | {c.seq_len for c in cells if c.task == "adding"})
 
 
-def verdict_solves(cells: Sequence[SettingStats], model: str, *, full_budget: bool,
-                   lengths: Sequence[int] = PAPER_LENGTHS) -> Verdict:
+def verdicts_solve(cells: Sequence[SettingStats], model: str, lengths: Sequence[int]) -> list[Verdict]:
     key = "irnn_solves" if model == "irnn" else "lstm_solves"
-    claim, source = CLAIMS[key] if model in ("irnn", "lstm") else (f"{model} solves the adding problem", "paper")
-    details, status = [], {}
+    claim, source = CLAIMS[key]
+    out = []
     for T in lengths:
         c = find_cell(cells, model, seq_len=T)
         if c is None:
-            status[T] = "not run"
-            details.append(f"T={T}: not run in this study")
-        elif _solved(c):
-            status[T] = "solved"
-            details.append(f"T={T}: solved — {_steps_str(c)}, {_final_str(c)}")
-        elif _unfinished(c):
-            status[T] = "unfinished"
-            details.append(f"T={T}: {_unfinished(c)} of {c.n} seeds unfinished — {_steps_str(c)}")
-        else:
-            status[T] = "not solved"
-            details.append(f"T={T}: not solved — {c.n_solved}/{c.n} seeds reached MSE < {c.threshold:g} within "
-                           f"{c.budget:,} steps; {_final_str(c)}"
-                           + (f", baseline {c.baseline:.3g}" if c.baseline is not None else ""))
-    solved = [T for T in lengths if status[T] == "solved"]
-    if all(status[T] == "solved" for T in lengths):
-        verdict = REPRODUCED
-    elif full_budget and any(status[T] == "not solved" for T in lengths):
-        verdict = NOT_REPRODUCED
-    else:
-        verdict = INCONCLUSIVE
-    missing = [T for T in lengths if status[T] == "not run"]
-    summary = (f"solved at T = {', '.join(map(str, solved))}" if solved else "solved at no length") + \
-        (f"; not run: T = {', '.join(map(str, missing))}" if missing else "") + \
-        "".join(f"; T = {T} {status[T]}" for T in lengths if status[T] in ("not solved", "unfinished"))
-    return Verdict(key, claim, source, verdict, summary, details)
+            out.append(Verdict(key, claim, source, INCONCLUSIVE, "not run in this study: run `irnn reproduce adding "
+                               "--budget standard` to decide", where=f"T={T}"))
+            continue
+        verdict, strength, text = _count_verdict(c.n_solved, c.n, _unfinished(c))
+        out.append(Verdict(key, claim, source, verdict, f"{c.n_solved}/{c.n} seeds reached MSE < {c.threshold:g} "
+                           f"within {c.budget:,} steps — {text}", [_steps_str(c), _seed_line(c)],
+                           where=f"T={T}", strength=strength))
+    return out
 
 
-def verdict_baselines(cells: Sequence[SettingStats], *, full_budget: bool,
-                      lengths: Sequence[int] = PAPER_LENGTHS) -> Verdict:
+def verdicts_baselines(cells: Sequence[SettingStats], lengths: Sequence[int]) -> list[Verdict]:
     claim, source = CLAIMS["baselines_fail"]
-    details, near, far, missing = [], [], [], []
-    for model in ("rnn-tanh", "rnn-relu"):
-        for T in lengths:
-            c = find_cell(cells, model, seq_len=T)
+    out = []
+    for T in lengths:
+        for model in ("rnn-tanh", "rnn-relu"):
             name = MODEL_NAMES[model]
-            if c is None or not c.finished:
-                missing.append((model, T))
-                details.append(f"{name}, T={T}: " + ("not run" if c is None else "no finished seed"))
+            c = find_cell(cells, model, seq_len=T)
+            if c is None:
+                out.append(Verdict("baselines_fail", claim, source, INCONCLUSIVE,
+                                   f"{name}: not run in this study: run `irnn reproduce adding --budget standard` "
+                                   f"to decide", where=f"T={T}"))
                 continue
-            fm, _ = c.final
             base = c.baseline or 1 / 6
-            ok = c.n_solved == 0 and fm is not None and fm >= NEAR_BASELINE * base
-            (near if ok else far).append((model, T))
-            details.append(f"{name}, T={T}: {'near' if ok else 'below'} the baseline — {_final_str(c)}; "
-                           f"{c.n_solved}/{c.n} seeds reached MSE < {c.threshold:g} within {c.budget:,} steps")
-    if far:
-        verdict = NOT_REPRODUCED
-    elif not missing and full_budget:
-        verdict = REPRODUCED
-    else:
-        verdict = INCONCLUSIVE
-    summary = f"near the baseline in {len(near)} of {len(near) + len(far)} (model, length) pairs run" + \
-        (f"; clearly below at {', '.join(f'{m} T={T}' for m, T in far)}" if far else "") + \
-        (f"; {len(missing)} pairs not run or unfinished" if missing else "") + \
-        ("" if full_budget or far else "; reduced budget: the paper trained far longer")
-    return Verdict("baselines_fail", claim, source, verdict, summary, details)
+            near = [m for m in c.finished if m.steps_to_threshold() is None and m.final is not None
+                    and m.final >= NEAR_BASELINE * base]
+            verdict, strength, text = _count_verdict(len(near), c.n, _unfinished(c))
+            out.append(Verdict("baselines_fail", claim, source, verdict,
+                               f"{name}: {len(near)}/{c.n} seeds stayed near the baseline ({base:.3g}) within "
+                               f"{c.budget:,} steps — {text}", [_seed_line(c)], where=f"T={T}", strength=strength))
+    return out
 
 
-def _compare(short: SettingStats, long: SettingStats) -> tuple[Optional[float], str]:
-    """Sign of "long needs more steps than short": +1, -1, 0 (within spread) or None (no evidence)."""
-    s_ok, l_ok = _solved(short), _solved(long)
-    if s_ok and l_ok:
-        ms, ss = short.steps
-        ml, sl = long.steps
-        d = ml - ms
-        noise = max(ss or 0.0, sl or 0.0)
-        text = (f"T={long.seq_len}: {ml:,.0f} vs T={short.seq_len}: {ms:,.0f} steps (difference {d:+,.0f}; "
-                f"larger seed std {noise:,.0f})")
-        return (1.0 if d > noise else -1.0 if d < -noise else 0.0), text
-    if s_ok and not l_ok and not _unfinished(long):
-        return 1.0, (f"T={short.seq_len} solved in {_steps_str(short)}; T={long.seq_len} not solved within "
-                     f"{long.budget:,} steps")
-    if l_ok and not s_ok and not _unfinished(short):
-        return -1.0, (f"T={long.seq_len} solved in {_steps_str(long)}; T={short.seq_len} not solved within "
-                      f"{short.budget:,} steps")
-    return None, f"T={short.seq_len}: {_steps_str(short)}; T={long.seq_len}: {_steps_str(long)}"
+def _steps_or_inf(c: SettingStats) -> list[float]:
+    return [float(s) if s is not None else math.inf for s in (m.steps_to_threshold() for m in c.members)]
 
 
-def verdict_steps_grow(cells: Sequence[SettingStats], model: str = "irnn") -> Verdict:
+def _compare_steps(key: str, short: SettingStats, long: SettingStats, *, longer_slower: bool) -> Verdict:
+    """The claim "``long`` needs more steps than ``short``" (``longer_slower``) or fewer (not)."""
+    claim, source = CLAIMS[key]
+    where = f"T={short.seq_len} → T={long.seq_len}"
+    details = [f"T={short.seq_len}: {_steps_str(short)}", f"T={long.seq_len}: {_steps_str(long)}"]
+    if _unfinished(short) or _unfinished(long):
+        return Verdict(key, claim, source, INCONCLUSIVE, "seeds unfinished: resume the study to decide", details,
+                       where=where)
+    a, b = _steps_or_inf(short), _steps_or_inf(long)
+    ma, mb = statistics.median(a), statistics.median(b)
+
+    def fmt(x: float) -> str:
+        return "not solved" if math.isinf(x) else f"{x:,.0f}"
+
+    medians = f"median steps to solve {fmt(ma)} at T={short.seq_len}, {fmt(mb)} at T={long.seq_len}"
+    if math.isinf(ma) and math.isinf(mb):
+        return Verdict(key, claim, source, INCONCLUSIVE, f"{medians}: neither length was solved by most seeds; "
+                       f"decide with a larger step budget", details, where=where)
+    if ma == mb:
+        return Verdict(key, claim, source, INCONCLUSIVE, f"{medians}: equal; decide with more seeds", details,
+                       where=where)
+    grew = mb > ma
+    verdict = REPRODUCED if grew == longer_slower else NOT_REPRODUCED
+    p = mann_whitney_greater(a, b) if grew else mann_whitney_greater(b, a)
+    strength = "clear" if p < ALPHA else "weak"
+    text = f"{medians}; {strength} (exact Mann-Whitney p = {p:.3f}, {len(a)} and {len(b)} seeds)"
+    return Verdict(key, claim, source, verdict, text, details, where=where, strength=strength)
+
+
+def verdicts_steps_grow(cells: Sequence[SettingStats], model: str = "irnn") -> list[Verdict]:
     claim, source = CLAIMS["steps_grow"]
-    runs = sorted((c for c in cells if c.model == model), key=lambda c: c.seq_len)
-    details = [f"T={c.seq_len}: {_steps_str(c)}" for c in runs]
+    runs = sorted((c for c in cells if c.model == model and c.task == "adding"), key=lambda c: c.seq_len)
     if len(runs) < 2:
-        return Verdict("steps_grow", claim, source, INCONCLUSIVE,
-                       f"needs at least two lengths; {len(runs)} ran", details)
-    sign, text = _compare(runs[0], runs[-1])
-    verdict = {1.0: REPRODUCED, -1.0: NOT_REPRODUCED}.get(sign, INCONCLUSIVE)  # type: ignore[arg-type]
-    if sign == 0.0:
-        text += " — within seed-to-seed spread"
-    return Verdict("steps_grow", claim, source, verdict, text, details)
+        return [Verdict("steps_grow", claim, source, INCONCLUSIVE,
+                        f"needs at least two lengths; {len(runs)} ran: run `irnn reproduce adding --budget standard` "
+                        f"to decide", [f"T={c.seq_len}: {_steps_str(c)}" for c in runs])]
+    return [_compare_steps("steps_grow", a, b, longer_slower=True) for a, b in zip(runs, runs[1:])]
 
 
 def verdict_200_faster(cells: Sequence[SettingStats], model: str = "irnn") -> Verdict:
     claim, source = CLAIMS["adam_200_faster"]
     a, b = find_cell(cells, model, seq_len=150), find_cell(cells, model, seq_len=200)
     if a is None or b is None:
+        missing = ", ".join(f"T={T}" for T, c in ((150, a), (200, b)) if c is None)
         return Verdict("adam_200_faster", claim, source, INCONCLUSIVE,
-                       f"needs irnn-150 and irnn-200; not run: {', '.join(f'T={T}' for T, c in ((150, a), (200, b)) if c is None)}")
+                       f"needs irnn-150 and irnn-200; not run: {missing}: run `irnn reproduce adding --budget "
+                       f"standard` to decide", where="T=150 → T=200")
     opts = {a.hparams.get("optimizer"), b.hparams.get("optimizer")}
-    details = [f"irnn-150: {_steps_str(a)}", f"irnn-200: {_steps_str(b)}"]
     if opts != {"adam"}:
         return Verdict("adam_200_faster", claim, source, INCONCLUSIVE,
-                       f"this study trained the IRNN with {', '.join(sorted(map(str, opts)))}, not Adam", details)
-    sign, text = _compare(a, b)
-    # the claim is the reverse of "longer needs more": irnn-200 needs fewer
-    verdict = {-1.0: REPRODUCED, 1.0: NOT_REPRODUCED}.get(sign, INCONCLUSIVE)  # type: ignore[arg-type]
-    if sign == 0.0:
-        text += " — within seed-to-seed spread"
-    return Verdict("adam_200_faster", claim, source, verdict, text, details)
+                       f"this study trained the IRNN with {', '.join(sorted(map(str, opts)))}, not Adam: run the "
+                       f"Adam study (--preset seed) to decide", where="T=150 → T=200")
+    return _compare_steps("adam_200_faster", a, b, longer_slower=False)
 
 
-def verdicts(cells: Sequence[SettingStats], *, full_budget: bool) -> list[Verdict]:
-    """Every claim's verdict for the chosen settings (one per length and model)."""
-    return [verdict_solves(cells, "irnn", full_budget=full_budget),
-            verdict_solves(cells, "lstm", full_budget=full_budget),
-            verdict_baselines(cells, full_budget=full_budget),
-            verdict_steps_grow(cells),
-            verdict_200_faster(cells)]
+def verdicts(cells: Sequence[SettingStats], *, lengths: Sequence[int] = PAPER_LENGTHS) -> list[Verdict]:
+    """Every claim's verdict at every length (or pair of lengths), for the chosen settings."""
+    lengths = _lengths_run(cells, lengths)
+    return (verdicts_solve(cells, "irnn", lengths) + verdicts_solve(cells, "lstm", lengths)
+            + verdicts_baselines(cells, lengths) + verdicts_steps_grow(cells) + [verdict_200_faster(cells)])
+
+
+def isa_check(main: Sequence[Verdict], other: Sequence[Verdict], isa: str) -> list[str]:
+    """Compare the IRNN's verdicts (``main``) with the same seeds under instruction set ``isa`` (``other``);
+    a verdict that flips becomes inconclusive in ``main``. Returns the lines of the report's section."""
+    index = {(v.key, v.where): v for v in other}
+    lines = []
+    for v in main:
+        w = index.get((v.key, v.where))
+        if w is None:
+            continue
+        same = w.verdict == v.verdict
+        lines.append(f"{v.claim}, {v.where}: {'same verdict' if same else 'FLIPS'} — default: {v.verdict} "
+                     f"({v.summary}); `{isa}`: {w.verdict} ({w.summary})")
+        if not same and v.verdict != INCONCLUSIVE:
+            v.details.append(f"under `{isa}` the same seeds give {w.verdict}: {w.summary}")
+            v.summary = (f"flips with the instruction set ({v.verdict} by default, {w.verdict} under `{isa}`): "
+                         f"decide with more seeds; " + v.summary)
+            v.verdict, v.strength = INCONCLUSIVE, ""
+    return lines
 
 
 # -- report.md -------------------------------------------------------------------------------------------
@@ -253,17 +305,23 @@ def render_report(*, title: str, meta: dict[str, Any], verdict_list: Sequence[Ve
     lines += ["", f"Members: {sum(members_states.values())} runs ({states})."]
     if failures:
         lines += ["", "Failed or diverged members:", ""] + [f"- {f}" for f in failures]
-    lines += ["", "## Verdicts", "", "| claim | source | verdict | the numbers |", "|---|---|---|---|"]
+    lines += ["", "## Verdicts", "", "| claim | source | where | verdict | the numbers |", "|---|---|---|---|---|"]
     for v in verdict_list:
-        lines.append(f"| {v.claim} | {v.source} | **{v.verdict}** | {v.summary} |")
+        verdict = f"**{v.verdict}**" + (f" ({v.strength})" if v.strength else "")
+        lines.append(f"| {v.claim} | {v.source} | {v.where or 'all'} | {verdict} | {v.summary} |")
     lines += ["", "How each verdict was decided, with the numbers:", ""]
+    ruled: set[str] = set()
     for v in verdict_list:
-        lines.append(f"### {v.claim} ({v.source}): {v.verdict}")
+        lines.append(f"### {v.claim} ({v.source})" + (f", {v.where}" if v.where else "") + f": {v.verdict}")
         lines.append("")
-        lines.append(f"*Rule.* {v.rule}")
+        if v.rule not in ruled:  # the rule once per claim
+            lines += [f"*Rule.* {v.rule}", ""]
+            ruled.add(v.rule)
+        lines += [f"- {d}" for d in [v.summary] + v.details]
         lines.append("")
-        lines += [f"- {d}" for d in v.details]
-        lines.append("")
+    if meta.get("isa_check"):
+        lines += ["## Instruction-set check", "", meta.get("isa_note", ""), ""]
+        lines += [f"- {line}" for line in meta["isa_check"]] + [""]
     lines += ["## Results", "", meta.get("selection_rule", ""), "", table_md, ""]
     lines.append(meta.get("results_note") or (
         "Steps to threshold: mean ± sample standard deviation over the seeds that reached it (the first "

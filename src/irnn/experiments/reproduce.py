@@ -26,7 +26,7 @@ from .sweep import ENV_KEYS, SweepSpec, create, open_sweep, train_sweep
 MODELS = ("irnn", "rnn-tanh", "rnn-relu", "lstm")
 PAPER_LENGTHS = (150, 200, 300, 400)
 PRESETS = ("seed", "paper")
-BUDGETS = ("quick", "full")
+BUDGETS = ("quick", "standard", "full")
 
 
 @dataclass
@@ -50,6 +50,16 @@ class Budget:
     adam_lr: float = 1e-4
     irnn_init_scale: float = 0.01  # preset seed: the prototype's IRNN starts at 0.01 x I
     notes: list[str] = field(default_factory=list)
+    steps_by_length: dict[int, int] = field(default_factory=dict)  # per length; default: ``steps`` everywhere
+    seeds_by_model: dict[str, tuple[int, ...]] = field(default_factory=dict)  # default: ``seeds``
+    second_isa: bool = False  # also train the IRNN's seeds under a second instruction set (verdicts must not flip)
+    stop_when_solved: int = 0  # end a run once solved at this many evaluations in a row (0: whole budget)
+
+    def steps_for(self, length: int) -> int:
+        return self.steps_by_length.get(length, self.steps)
+
+    def seeds_for(self, model: str) -> tuple[int, ...]:
+        return self.seeds_by_model.get(model, self.seeds)
 
 
 def _full(preset: str) -> Budget:
@@ -79,12 +89,30 @@ def _quick(preset: str) -> Budget:
                   lrs=(1e-2,), clips=(1.0, 10.0), forget_biases=(1.0, 10.0))
 
 
+# The standard budget: every length of Figure 2, the Adam setting of the quick budget, 5 seeds for the
+# IRNN and the LSTM and 3 for the others, the IRNN's seeds again under a second instruction set. Steps
+# per length come from pilot runs (STANDARD_PILOTS in the README's "standard study" section): the IRNN
+# at lr 5e-4 leaves the 0.167 plateau at a seed-dependent step, later at longer lengths.
+STANDARD_STEPS = {150: 20_000, 200: 24_000, 300: 30_000, 400: 36_000}
+STANDARD_SEEDS = {"irnn": 5, "lstm": 5, "rnn-tanh": 3, "rnn-relu": 3}
+
+
+def _standard(preset: str) -> Budget:
+    if preset != "seed":
+        raise ConfigError("--budget standard is the Adam study (--preset seed); the paper's SGD grid needs "
+                          "--budget full (a GPU or a cluster)")
+    return Budget(lengths=PAPER_LENGTHS, seeds=(0, 1, 2), steps=max(STANDARD_STEPS.values()), batch_size=32,
+                  train_size=100_000, test_size=1_000, eval_every=500, log_every=500, workers=2, threads=1,
+                  adam_lr=5e-4, irnn_init_scale=1.0, steps_by_length=dict(STANDARD_STEPS),
+                  seeds_by_model={m: tuple(range(n)) for m, n in STANDARD_SEEDS.items()}, second_isa=True)
+
+
 def budget_for(preset: str, budget: str) -> Budget:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget {budget!r}; choose one of: {', '.join(BUDGETS)}")
-    return _quick(preset) if budget == "quick" else _full(preset)
+    return {"quick": _quick, "standard": _standard, "full": _full}[budget](preset)
 
 
 def _values(xs: Sequence[float]) -> str:
@@ -97,9 +125,13 @@ def reductions(preset: str, b: Budget) -> list[str]:
     out = []
     if b.lengths != f.lengths:
         out.append(f"sequence lengths {', '.join(map(str, b.lengths))} only (full: {', '.join(map(str, f.lengths))})")
-    if b.seeds != f.seeds:
+    if b.seeds_by_model:
+        out.append(", ".join(f"{len(b.seeds_for(m))} seeds for the {m}" for m in MODELS) + f" (full: {len(f.seeds)} each)")
+    elif b.seeds != f.seeds:
         out.append(f"{len(b.seeds)} seeds (full: {len(f.seeds)})")
-    if b.steps != f.steps:
+    if b.steps_by_length:
+        out.append(", ".join(f"{b.steps_for(T):,} steps at T={T}" for T in b.lengths) + f" (full: {f.steps:,} each)")
+    elif b.steps != f.steps:
         out.append(f"{b.steps:,} training steps per run (full: {f.steps:,})")
     if b.batch_size != f.batch_size:
         out.append(f"batch size {b.batch_size} (full: {f.batch_size}), so each step sees more sequences")
@@ -150,26 +182,39 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
     if seeds is not None:
         if seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-        b.seeds = tuple(range(seeds))
+        b.seeds, b.seeds_by_model = tuple(range(seeds)), {}
         custom.append(f"{seeds} seeds (chosen with --seeds)")
     if steps is not None:
         if steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {steps}")
-        b.steps = steps
+        b.steps, b.steps_by_length = steps, {}
         custom.append(f"{steps:,} steps (chosen with --steps)")
     base: dict[str, Any] = {"task": "adding", "variant": "anywhere", "hidden_size": 100, "batch_size": b.batch_size,
                             "steps": b.steps, "train_size": b.train_size, "test_size": b.test_size,
                             "eval_every": b.eval_every, "log_every": b.log_every, "quiet": True}
     if b.threads:
         base["threads"] = b.threads
+    if b.stop_when_solved:
+        base["stop_when_solved"] = b.stop_when_solved
     base.update({k: v for k, v in (env or {}).items() if k in ENV_KEYS})
     common = {"seq_len": list(b.lengths), "seed": list(b.seeds)}
     grid: list[dict[str, list[Any]]] = []
     if preset == "seed":
         base.update(optimizer="adam", lr=b.adam_lr, clip_norm=1.0)
         # init_scale 0.01 is the prototype's IRNN; it only affects the IRNN.
-        grid.append({"model": ["irnn"], "init_scale": [b.irnn_init_scale], **common})
-        grid.append({"model": ["rnn-tanh", "rnn-relu", "lstm"], **common})
+        # One table per length and model, the costliest first (the longest length, the LSTM), so that the
+        # workers' last members are short ones and they finish together.
+        alt = second_isa() if b.second_isa else None
+        for T in sorted(b.lengths, reverse=True):
+            for model in ("lstm", "rnn-tanh", "irnn", "rnn-relu"):
+                table: dict[str, list[Any]] = {"model": [model], "seq_len": [T], "seed": list(b.seeds_for(model))}
+                if b.steps_by_length:
+                    table["steps"] = [b.steps_for(T)]
+                if model == "irnn":  # init_scale 0.01 is the prototype's IRNN; it only affects the IRNN
+                    table["init_scale"] = [b.irnn_init_scale]
+                grid.append(table)
+                if model == "irnn" and alt:
+                    grid.append({**table, "isa": [alt]})
         f = _full(preset)
         changed = (b.adam_lr, b.irnn_init_scale) != (f.adam_lr, f.irnn_init_scale)
         description = [
@@ -178,6 +223,12 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
             + (f", as run here: Adam lr {b.adam_lr:g} and IRNN {b.irnn_init_scale:g} x I (see the reductions below)"
                if changed else "") + "; one setting per model, so nothing is searched.",
         ]
+        if b.second_isa:
+            description.append(
+                f"The IRNN's seeds ran twice: under the default instruction set of the fused kernels and under "
+                f"`{alt}` (another summation order); the verdicts use the first, the instruction-set check below "
+                f"compares them." if alt else
+                "This CPU has no second instruction set to compare (baseline vector code only).")
         rule = ("One setting per model (preset `seed`), so no selection was needed.")
     else:
         base.update(optimizer="sgd", init_scale=1.0)
@@ -196,8 +247,10 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
                 "go to more seeds solved, then fewer mean steps to solve. Every setting searched is listed at the end.")
     description += [
         f"Sequence lengths {', '.join(map(str, b.lengths))}; models {', '.join(models or MODELS)}; seeds "
-        f"{', '.join(map(str, b.seeds))}.",
-        f"{b.steps:,} steps of batch {b.batch_size}; {b.train_size:,} training and {b.test_size:,} test sequences; "
+        + ("; ".join(f"{m} {', '.join(map(str, b.seeds_for(m)))}" for m in (models or MODELS))
+           if b.seeds_by_model else ', '.join(map(str, b.seeds))) + ".",
+        (", ".join(f"{b.steps_for(T):,} steps at T={T}" for T in b.lengths) if b.steps_by_length else
+         f"{b.steps:,} steps") + f" of batch {b.batch_size}; {b.train_size:,} training and {b.test_size:,} test sequences; "
         f"test MSE evaluated every {b.eval_every:,} steps; 'solved' means test MSE < 0.01; the "
         f"constant-prediction baseline (always predict 1) has MSE 1/6 ≈ 0.167.",
     ]
@@ -212,6 +265,15 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
             "reductions": reductions(preset, b) + custom, "description": description, "selection_rule": rule,
             "workers": b.workers, "eval_every": b.eval_every, "lengths": list(b.lengths)}
     return spec, meta
+
+
+def second_isa() -> Optional[str]:
+    """The instruction set one below the one the fused kernels run here (None: nothing below, or no kernels)."""
+    from ..engine import fused
+
+    if not fused.available():
+        return None
+    return {"avx512": "avx2", "avx2": "generic"}.get(fused.isa_name())
 
 
 def _provenance(members: Sequence[Member]) -> dict[str, Any]:
@@ -236,7 +298,7 @@ TITLES = {"adding": "Reproduction: Le, Jaitly & Hinton (2015), the adding proble
 
 def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, command: Optional[str] = None) -> Path:
     """Figures, tables and ``report.md`` for a finished (or partly finished) study (adding or mnist)."""
-    from .report import render_report, verdicts
+    from .report import isa_check, render_report, verdicts
 
     sweep = open_sweep(sweep_dir)
     meta = dict(sweep.meta)
@@ -244,6 +306,10 @@ def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, 
     if command:
         meta["command"] = command
     members = collect(sweep.path)
+    # Members run under a pinned second instruction set (the standard budget's IRNN seeds) are the
+    # instruction-set check: the table, figures and verdicts come from the default ones.
+    pinned = [m for m in members if m.config.get("isa", "auto") != "auto"]
+    members = [m for m in members if m.config.get("isa", "auto") == "auto"]
     all_stats = settings(members)
     cells = best_settings(all_stats)
     table = make_table(cells)
@@ -257,7 +323,18 @@ def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, 
         meta["results_note"] = mnist_study.RESULTS_NOTE
     else:
         figs = make_figures(members, fig_dir, cells=cells)
-        vlist = verdicts(cells, full_budget=bool(meta.get("full_budget")))
+        vlist = verdicts(cells, lengths=PAPER_LENGTHS)
+        if pinned:
+            isa = str(pinned[0].config["isa"])
+            other = best_settings(settings(pinned))
+            irnn = [v for v in vlist if v.key in ("irnn_solves", "steps_grow", "adam_200_faster")]
+            meta["isa_check"] = isa_check(irnn, verdicts(other, lengths=PAPER_LENGTHS), isa)
+            flips = sum("FLIPS" in line for line in meta["isa_check"])
+            meta["isa_note"] = (f"The IRNN's seeds ran again with the fused kernels pinned to `{isa}` (another "
+                                f"summation order; the default is what the CPU does best). {flips} of "
+                                f"{len(meta['isa_check'])} IRNN verdicts flip; a verdict that flips is "
+                                f"inconclusive above. Per seed: " + "; ".join(
+                                    f"T={c.seq_len} {_seeds_solved(c)}" for c in other if c.model == "irnn"))
     fig_rel = {caption: str(p.relative_to(sweep.path)) for caption, p in figs.items()}
     states: dict[str, int] = {}
     for m in members:
@@ -276,6 +353,12 @@ def write_report(sweep_dir: str | Path, *, wall_time_s: Optional[float] = None, 
     path = sweep.path / "report.md"
     atomic_write_bytes(path, text.encode())
     return path
+
+
+def _seeds_solved(c) -> str:
+    return f"{c.n_solved}/{c.n} solved (" + ", ".join(
+        f"s{m.seed} " + (f"{m.steps_to_threshold():,}" if m.steps_to_threshold() is not None else "no")
+        for m in sorted(c.members, key=lambda m: m.seed)) + ")"
 
 
 def make_figures(members: Sequence[Member], out_dir: str | Path, *, cells=None,

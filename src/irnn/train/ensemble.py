@@ -141,7 +141,7 @@ def fit_together(trainers: list[Trainer], progress: bool = False) -> list[Run]:
                 bar.update(max(t.state.step - before, 0))
                 if not ok:
                     runs[id(t)] = t.end("diverged", t.reason)
-                elif t.state.step >= t.total:
+                elif t.done:
                     runs[id(t)] = t.end("completed")
                 else:
                     still.append(t)

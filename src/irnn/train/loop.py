@@ -99,6 +99,7 @@ class LoopState:
     best: float | None = None
     best_step: int | None = None
     solved_step: int | None = None
+    solved_streak: int = 0  # evaluations in a row past the solved threshold (stop_when_solved)
     last_eval: dict[str, float] = field(default_factory=dict)
     last_train_loss: float | None = None
     wall_time_s: float = 0.0
@@ -253,7 +254,7 @@ class Trainer:
         """Open the run for training. Returns its :class:`Run` when there is nothing left to train."""
         cfg, s = self.cfg, self.state
         prior = self.run.read_summary()
-        if prior and prior.get("status") in ("completed", "diverged") and s.step >= self.total:
+        if prior and prior.get("status") in ("completed", "diverged") and self.done:
             return Run(self.run.path, cfg, prior)
         self.log = MetricsLog(self.run.metrics_path)
         self.trackers = make_trackers(cfg, self.run.path, self.run.path.name, self.group)
@@ -356,7 +357,7 @@ class Trainer:
             return done
         status, reason = "running", None
         try:
-            while self.state.step < self.total:
+            while not self.done:
                 if not self.after_chunk(*self.run_chunk()):
                     status, reason = "diverged", self.reason
                     break
@@ -423,6 +424,7 @@ class Trainer:
         solved = value > task.solved_threshold if task.higher_is_better else value < task.solved_threshold
         if solved and s.solved_step is None:
             s.solved_step = s.step
+        s.solved_streak = s.solved_streak + 1 if solved else 0
         if better:
             s.best, s.best_step = value, s.step
         self.emit({"step": s.step, "kind": "eval", **metrics})
@@ -445,6 +447,17 @@ class Trainer:
             parts.append(f"rollbacks={s.divergences}")
         return " ".join(parts)
 
+    @property
+    def stopped_solved(self) -> bool:
+        """``stop_when_solved``: the primary metric has been past the solved threshold long enough."""
+        n = self.cfg.stop_when_solved
+        return bool(n) and self.state.solved_streak >= n
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to train: the step budget is spent, or the run stopped once solved."""
+        return self.state.step >= self.total or self.stopped_solved
+
     def _write_summary(self, status: str, reason: str | None = None) -> dict[str, Any]:
         s, task, cfg = self.state, self.task, self.cfg
         pm = task.primary_metric
@@ -459,6 +472,8 @@ class Trainer:
             "final_train_loss": s.last_train_loss, "divergences": s.divergences, "lr_final": cfg.lr * s.lr_scale,
             "wall_time_s": s.wall_time_s, "engine": self.engine, "device": str(self.device),
         }
+        if self.stopped_solved:
+            summary["stopped_early"] = f"solved at {cfg.stop_when_solved} evaluations in a row (stop_when_solved)"
         if task.primary_metric == "test_mse":
             summary["baseline_mse"] = task.baseline
         self.run.write_summary(summary)
