@@ -321,7 +321,7 @@ def test_study_specs():
     assert meta["full_budget"] and not meta["reductions"]
     spec, meta = study_spec("seed", "quick")
     members = expand(spec)
-    assert len(members) == 12 and not meta["full_budget"] and meta["reductions"]
+    assert len(members) == 5 + 3 * 3 and not meta["full_budget"] and meta["reductions"]  # 5 IRNN seeds
     with pytest.raises(ConfigError):
         study_spec("seed", "medium")
     with pytest.raises(ConfigError):

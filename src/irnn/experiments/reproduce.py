@@ -83,18 +83,25 @@ def _quick(preset: str) -> Budget:
     if preset == "seed":
         return Budget(lengths=(150,), seeds=(0, 1, 2), steps=QUICK_STEPS["seed"], batch_size=32,
                       train_size=100_000, test_size=1_000, eval_every=250, log_every=250, workers=2, threads=1,
-                      adam_lr=5e-4, irnn_init_scale=1.0)
+                      adam_lr=5e-4, irnn_init_scale=1.0, seeds_by_model={"irnn": tuple(range(5))},
+                      stop_when_solved=STOP_WHEN_SOLVED)
     return Budget(lengths=(150,), seeds=(0, 1, 2), steps=QUICK_STEPS["paper"], batch_size=16, train_size=100_000,
                   test_size=1_000, eval_every=250, log_every=250, workers=2, threads=1,
                   lrs=(1e-2,), clips=(1.0, 10.0), forget_biases=(1.0, 10.0))
 
 
-# The standard budget: every length of Figure 2, the Adam setting of the quick budget, 5 seeds for the
-# IRNN and the LSTM and 3 for the others, the IRNN's seeds again under a second instruction set. Steps
-# per length come from pilot runs (STANDARD_PILOTS in the README's "standard study" section): the IRNN
-# at lr 5e-4 leaves the 0.167 plateau at a seed-dependent step, later at longer lengths.
-STANDARD_STEPS = {150: 20_000, 200: 24_000, 300: 30_000, 400: 36_000}
+# The standard budget: every length of Figure 2 with the quick budget's Adam setting, 5 seeds for the
+# IRNN and the LSTM and 3 for the others, the IRNN's seeds again under a second instruction set, and
+# one step budget per length for every model. Pilots (IRNN, Adam lr 5e-4, batch 32, 2026-12-02, AMD
+# EPYC): at T=400 seed 0 left the 0.167 plateau at step 22,000 (test MSE 0.016 at 30,000), seed 1 not
+# within 30,000; at T=300 seed 0 not within 30,000; at lr 1e-3 T=400 seed 0 solved at 21,000 and seed
+# 1 blew up at 19,000; at lr 2e-3 T=400 diverged at once. The LSTM at T=400 (lr 5e-4) stayed on the
+# plateau for 20,000 steps. A step costs (batch 32, 1 thread, T = 150/200/300/400): IRNN 1.1/1.4/1.8/
+# 2.5 ms, tanh RNN 3.0/3.8/5.6/7.6 ms, LSTM 9.6/9.9/17/23.5 ms, so the LSTM's 5 seeds set the budget:
+# the step budgets below keep the whole study near 75 minutes on 2 cores (see the README).
+STANDARD_STEPS = {150: 12_000, 200: 16_000, 300: 20_000, 400: 24_000}
 STANDARD_SEEDS = {"irnn": 5, "lstm": 5, "rnn-tanh": 3, "rnn-relu": 3}
+STOP_WHEN_SOLVED = 4  # evaluations in a row below 0.01 end a run: its steps to solve are known by then
 
 
 def _standard(preset: str) -> Budget:
@@ -104,7 +111,8 @@ def _standard(preset: str) -> Budget:
     return Budget(lengths=PAPER_LENGTHS, seeds=(0, 1, 2), steps=max(STANDARD_STEPS.values()), batch_size=32,
                   train_size=100_000, test_size=1_000, eval_every=500, log_every=500, workers=2, threads=1,
                   adam_lr=5e-4, irnn_init_scale=1.0, steps_by_length=dict(STANDARD_STEPS),
-                  seeds_by_model={m: tuple(range(n)) for m, n in STANDARD_SEEDS.items()}, second_isa=True)
+                  seeds_by_model={m: tuple(range(n)) for m, n in STANDARD_SEEDS.items()}, second_isa=True,
+                  stop_when_solved=STOP_WHEN_SOLVED)
 
 
 def budget_for(preset: str, budget: str) -> Budget:
@@ -133,6 +141,9 @@ def reductions(preset: str, b: Budget) -> list[str]:
         out.append(", ".join(f"{b.steps_for(T):,} steps at T={T}" for T in b.lengths) + f" (full: {f.steps:,} each)")
     elif b.steps != f.steps:
         out.append(f"{b.steps:,} training steps per run (full: {f.steps:,})")
+    if b.stop_when_solved:
+        out.append(f"a run ends once its test MSE has been below 0.01 at {b.stop_when_solved} evaluations in a row "
+                   f"(its steps to solve are known by then; full: every run trains its whole budget)")
     if b.batch_size != f.batch_size:
         out.append(f"batch size {b.batch_size} (full: {f.batch_size}), so each step sees more sequences")
     if b.train_size != f.train_size:
