@@ -174,7 +174,8 @@ def _cases(ws: Path) -> list[tuple[list[str], str]]:
         ["--optimizer", "lbfgs"], ["--preset", "fastest"], ["--variant", "sideways"], ["--engine", "warp"],
         ["--device", "tpu"], ["--device", "cuda:x"], ["--task", "imagenet"], ["--data-source", "web"],
         ["--name", "a/b"], ["--name", ".."], ["--track", "mlflow"], ["--inject-lr-spike", "soon"],
-        ["--inject-lr-spike", "5:1:2"], ["--hiden-size", "3"], ["--guard", "maybe"], ["--quiet=maybe"],
+        ["--inject-lr-spike", "5:1:2"], ["--inject-spike", "soon"], ["--inject-spike", "-1:10"],
+        ["--inject-spike", "5:inf"], ["--hiden-size", "3"], ["--guard", "maybe"], ["--quiet=maybe"],
         ["--variant", "hochreiter", "--seq-len", "3"],
         *(["--config", str(ws / f)] for f in (
             "bad.toml", "bad.yaml", "unknown.toml", "str_for_float.toml", "float_for_int.toml", "list_for_int.yaml",

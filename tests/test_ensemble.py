@@ -103,7 +103,8 @@ def test_train_many_stacks_members_into_ordinary_runs_with_per_member_guard(tmp_
         assert got[first_eval]["test_mse"] == pytest.approx(ref[first_eval]["test_mse"], rel=1e-4)
         events = [l for l in got if l["kind"] == "event"]
         assert (len(events) > 0) == (i == 2), events
-        assert r.summary["divergences"] == a.summary["divergences"]
+        for key in ("guard_interventions", "spikes_absorbed", "skipped_batches"):
+            assert r.summary[key] == a.summary[key]
 
 
 def test_cpu_stacks_stay_within_the_cache_budget():

@@ -121,6 +121,20 @@ def test_aggregation_of_fake_runs(tmp_path):
     assert part.steps_text() == "2,500 (1 of 3 seeds solved within 3,000)"
 
 
+def test_guard_rollbacks_are_counted_per_setting():
+    ms = [member("irnn", 150, i, curve(1000, 3000)) for i in range(3)]
+    ms[0].summary["guard_interventions"] = 2
+    ms[1].summary["divergences"] = 1  # a summary written before the per-incident guard
+    ms[2].summary.update(guard_interventions=0, spikes_absorbed=4)
+    table = settings_table(ms)
+    [stats] = table.stats
+    assert [m.guard_rollbacks for m in ms] == [2, 1, 0] and stats.guard_text() == "3 (2 of 3 seeds)"
+    head, _, row = table.markdown().splitlines()
+    assert head.split(" | ")[-2] == "guard rollbacks" and row.split(" | ")[-2] == "3 (2 of 3 seeds)"
+    assert table.rows[0]["guard_rollbacks"] == 3
+    assert settings([member("lstm", 150, 0, curve(1000, 3000))])[0].guard_text() == "0"
+
+
 def test_best_setting_is_lowest_mean_final_and_skips_diverged():
     ms = []
     for i in range(3):

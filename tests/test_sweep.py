@@ -209,7 +209,8 @@ def test_a_failed_member_does_not_stop_the_others(tmp_path, monkeypatch):
 
 
 def test_a_diverged_member_is_recorded_and_not_retried(tmp_path, count_training):
-    base = {**TINY, "inject_lr_spike": "5:30:1e6", "guard_retries": 0, "lr": 0.01}
+    # an infinite loss at batch 5 and no rollback allowed: nothing to continue from
+    base = {**TINY, "inject_spike": "5:1e30", "guard_retries": 0}
     sweep({"seed": [0]}, name="d", base=base, out=tmp_path)
     sw = open_sweep(tmp_path / "d")
     (name,) = sw.names

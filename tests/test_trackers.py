@@ -193,8 +193,9 @@ def test_wandb_group_resume_and_events(tmp_path, wandb_env, monkeypatch):
     assert r1.run_group == "sweep-adding" and r1.display_name == "irnn-10__s0"
     _assert_history_matches(first["history"], run_path)
     events = [r for r in iter_metrics(run_path / "metrics.jsonl") if r["kind"] == "event"]
-    assert [e["action"] for e in events] == ["rollback"]
+    assert [(e["event"], e.get("action")) for e in events] == [("divergence", "rollback"), ("skip_batches", None)]
     assert [h["divergence/new_lr"] for h in first["history"] if "divergence/new_lr" in h] == [events[0]["new_lr"]]
+    assert [h["skip_batches/count"] for h in first["history"] if "skip_batches/count" in h] == [events[1]["count"]]
     assert all("loss" not in h for h in first["history"])  # the event's loss stays apart from train_loss
     assert drawn and any("figures/curves/_type" in h for h in first["history"])  # a wandb.Image row
     assert list(run_path.glob("wandb/offline-run-*/files/media/images/figures/curves*.png"))

@@ -139,10 +139,22 @@ def _print_result(path, s: dict[str, Any]) -> None:
         f"constant-prediction baseline {_fmt(s.get('baseline_' + pm))}",
         f"  {pm} {'<' if pm != 'test_acc' else '>'} {thr}: "
         + (f"reached at step {solved}" if solved is not None else "not reached")
-        + (f"; divergences {'recovered' if s['status'] == 'completed' else 'detected'}: {s['divergences']}"
-           if s.get("divergences") else ""),
+        + _guard_text(s),
     ])
     print(text)
+
+
+def _guard_text(s: dict[str, Any]) -> str:
+    """``; guard: 2 rollbacks (480 batches skipped), 1 spike absorbed``, or nothing when it never acted."""
+    rollbacks = s.get("guard_interventions", s.get("divergences")) or 0  # "divergences": summaries of older runs
+    absorbed, skipped = s.get("spikes_absorbed") or 0, s.get("skipped_batches") or 0
+    parts = []
+    if rollbacks:
+        parts.append(f"{rollbacks} rollback{'s' * (rollbacks != 1)}"
+                     + (f" ({skipped:,} batches skipped)" if skipped else ""))
+    if absorbed:
+        parts.append(f"{absorbed} spike{'s' * (absorbed != 1)} absorbed")
+    return f"; guard: {', '.join(parts)}" if parts else ""
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -65,11 +65,11 @@ class Config:
     log_every: int = _f(100, "log the mean training loss every N steps")
     stop_when_solved: int = _f(0, "end the run once the primary metric is past the solved threshold at N evaluations in a row (0 = train the whole budget)")
     # --- robustness -------------------------------------------------------
-    guard: bool = _f(True, "divergence guard: roll back and lower the lr on NaN/inf or an exploding loss; with --no-guard the raw curve is kept and the run stops as diverged at the first NaN/inf")
-    guard_factor: float = _f(20.0, "a loss above guard_factor x its recent median counts as divergence")
-    guard_window: int = _f(50, "steps in the recent-median window of the guard")
-    guard_lr_decay: float = _f(0.5, "learning-rate multiplier applied after each rollback")
-    guard_retries: int = _f(5, "rollbacks allowed before the run is marked diverged")
+    guard: bool = _f(True, "divergence guard: on NaN/inf or a loss that stays high after a spike, roll back to the last checkpoint, skip the batches since, lower the lr; with --no-guard the raw curve is kept and the run stops as diverged at the first NaN/inf")
+    guard_factor: float = _f(20.0, "a loss above guard_factor x its recent median is a spike; the run rolls back if more than half of the next guard_window steps stay above sqrt(guard_factor) x that median")
+    guard_window: int = _f(50, "steps in the guard's recent-median window, in the watch after a spike, and in the clean stretch that ends an incident")
+    guard_lr_decay: float = _f(0.5, "learning-rate multiplier per rollback of an incident (the lr comes back once the run recovers)")
+    guard_retries: int = _f(5, "rollbacks allowed per incident; then a finite loss goes on unguarded and a non-finite one stops the run as diverged")
     ckpt_every: int = _f(0, "checkpoint every N steps and after every evaluation (0 = only after evaluations)")
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep (the best is always kept)")
     # --- run --------------------------------------------------------------
@@ -83,6 +83,7 @@ class Config:
     quiet: bool = _f(False, "no progress bar")
     preset: Optional[str] = _f(None, "named overrides applied before your flags: quick, paper, seed")
     inject_lr_spike: str = _f("", "testing only: 'START:END:FACTOR' multiplies the lr by FACTOR for steps [START, END), again after each rollback (on top of the guard's lowered lr)", hidden=True)
+    inject_spike: str = _f("", "testing only: 'BATCH:FACTOR' multiplies the inputs of training batch number BATCH (step + skipped batches) by FACTOR", hidden=True)
 
     # ---------------------------------------------------------------------
     def total_steps(self, train_set_size: int | None = None) -> int:
@@ -269,6 +270,15 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"inject_lr_spike must be 'START:END:FACTOR' with 0 <= START < END and a finite "
                               f"FACTOR > 0, got {cfg.inject_lr_spike!r}")
+    if cfg.inject_spike:
+        try:
+            a, c = cfg.inject_spike.split(":")
+            ok = int(a) >= 0 and math.isfinite(float(c))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"inject_spike must be 'BATCH:FACTOR' with BATCH >= 0 and a finite FACTOR, "
+                              f"got {cfg.inject_spike!r}")
     return cfg
 
 

@@ -135,6 +135,12 @@ class Member:
     def finished(self) -> bool:
         return self.state in ("completed", "diverged")
 
+    @property
+    def guard_rollbacks(self) -> int:
+        """How often the divergence guard rolled this run back ("divergences" in older summaries)."""
+        n = self.summary.get("guard_interventions", self.summary.get("divergences"))
+        return n if isinstance(n, int) and not isinstance(n, bool) else 0
+
     def steps_to_threshold(self, threshold: Optional[float] = None) -> Optional[int]:
         return steps_to_threshold(self.evals, self.threshold if threshold is None else threshold, self.higher_is_better)
 
@@ -340,6 +346,15 @@ class SettingStats:
         return sum(m.wall_time_s or 0.0 for m in self.members)
 
     @property
+    def guard_rollbacks(self) -> int:
+        return sum(m.guard_rollbacks for m in self.members)
+
+    def guard_text(self) -> str:
+        """``0``, or ``3 (2 of 3 seeds)``: the guard's rollbacks over the seeds, and how many seeds needed it."""
+        needed = sum(m.guard_rollbacks > 0 for m in self.members)
+        return f"{self.guard_rollbacks} ({needed} of {self.n} seeds)" if needed else "0"
+
+    @property
     def baseline(self) -> Optional[float]:
         for m in self.members:
             if m.baseline is not None:
@@ -392,6 +407,7 @@ class SettingStats:
             "final_mean": fm, "final_std": fs, "best_mean": bm, "best_std": bs,
             "baseline": self.baseline, "threshold": self.threshold,
             "wall_time_total_s": self.wall_total, "wall_time_mean_s": self.wall_total / max(self.n, 1),
+            "guard_rollbacks": self.guard_rollbacks,
             "members": " ".join(m.name for m in self.members),
         }
 
@@ -475,7 +491,7 @@ class Table:
         rel = ">" if self.metric == "test_acc" else "<"
         adding = all(s.task == "adding" for s in self.stats)
         head = ["T" if adding else "task", "model", "hyper-parameters", "seeds", f"steps to {metric} {rel} {thr:g}",
-                f"final {metric}", f"best {metric}", "wall time"]
+                f"final {metric}", f"best {metric}", "guard rollbacks", "wall time"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for s in self.stats:
             notes = []
@@ -491,7 +507,7 @@ class Table:
             lines.append("| " + " | ".join([
                 str(s.seq_len) if adding else panel_title(s.task, s.seq_len), MODEL_NAMES.get(s.model, s.model),
                 hparams_text(s.hparams), seeds, s.steps_text(),
-                _pm(*s.final, len(s.finished)), _pm(*s.best, s.n), wall]) + " |")
+                _pm(*s.final, len(s.finished)), _pm(*s.best, s.n), s.guard_text(), wall]) + " |")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -525,11 +541,11 @@ def members_csv(members: Sequence[Member]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["name", "state", "seq_len", "model", "seed", "steps", "total_steps", "steps_to_threshold",
-                "final", "best", "baseline", "wall_time_s", "error"])
+                "final", "best", "baseline", "guard_rollbacks", "wall_time_s", "error"])
     for m in members:
         w.writerow([m.name, m.state, m.seq_len, m.model, m.seed, m.steps_done, m.total_steps,
                     _blank(m.steps_to_threshold()), _blank(m.final), _blank(m.best), _blank(m.baseline),
-                    _blank(m.wall_time_s), m.error or ""])
+                    m.guard_rollbacks, _blank(m.wall_time_s), m.error or ""])
     return buf.getvalue()
 
 

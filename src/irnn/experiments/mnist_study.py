@@ -329,4 +329,5 @@ def verdicts(cells: Sequence[SettingStats], meta: dict[str, Any]) -> list[Verdic
 
 RESULTS_NOTE = ("Steps to threshold: mean ± sample standard deviation over the seeds whose test accuracy passed 0.9 "
                 "(the first evaluation above it). Final/best: the last/highest evaluated test accuracy, mean ± sample "
-                "std over seeds. Wall time: training time summed over seeds (evaluation excluded).")
+                "std over seeds. Wall time: training time summed over seeds (evaluation excluded). Guard rollbacks: "
+                "how often the divergence guard rolled a run back, summed over seeds (and how many seeds needed it).")

@@ -327,7 +327,9 @@ def render_report(*, title: str, meta: dict[str, Any], verdict_list: Sequence[Ve
         "Steps to threshold: mean ± sample standard deviation over the seeds that reached it (the first "
         "evaluation below the threshold; evaluations every "
         f"{meta.get('eval_every', '?')} steps). Final/best: the last/lowest evaluated test MSE, mean ± "
-        "sample std over seeds. Wall time: training time summed over seeds (evaluation excluded)."))
+        "sample std over seeds. Wall time: training time summed over seeds (evaluation excluded). Guard "
+        "rollbacks: how often the divergence guard rolled a run back, summed over seeds (and how many seeds "
+        "needed it)."))
     lines.append("")
     lines += ["Tables: [results.md](results.md), [results.csv](results.csv); every member: "
               "[members.csv](members.csv).", ""]

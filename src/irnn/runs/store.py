@@ -399,9 +399,13 @@ class RunDir:
     def metrics(self) -> list[dict[str, Any]]:
         return list(iter_metrics(self.metrics_path))
 
-    def truncate_metrics(self, max_step: int, *, keep_events: bool = False) -> int:
-        """Keep only whole lines with ``step <= max_step`` (used on resume and rollback); returns lines kept.
+    def truncate_metrics(self, max_step: int | None = None, *, lines: int | None = None,
+                         keep_events: bool = False) -> int:
+        """Keep only whole lines with ``step <= max_step``, or the first ``lines`` whole lines (used on
+        resume and rollback); returns lines kept.
 
+        A checkpoint records how many lines were written before it (``lines``): after a rollback,
+        event lines with later steps come before it, and a resume keeps exactly those.
         ``keep_events`` also keeps later ``kind: event`` lines: a rollback drops the abandoned
         trajectory's train/eval lines but keeps the record of why it was abandoned.
         """
@@ -412,7 +416,8 @@ class RunDir:
             obj = json.loads(line)
             if not isinstance(obj, dict) or not isinstance(obj.get("step"), int):
                 continue
-            if obj["step"] <= max_step or (keep_events and obj.get("kind") == "event"):
+            before = len(kept) < lines if lines is not None else obj["step"] <= max_step
+            if before or (keep_events and obj.get("kind") == "event"):
                 kept.append(line)
         atomic_write_bytes(self.metrics_path, "".join(line + "\n" for line in kept).encode())
         return len(kept)

@@ -2,9 +2,11 @@
 
 Each member is an ordinary :class:`~irnn.train.loop.Trainer` with its own run
 folder, data, model, optimiser, divergence guard, metrics and checkpoints; only
-the training step is shared (:class:`irnn.engine.ensemble.StackedStep`). A
-member that diverges rolls back alone, and then simply trails the others by
-some steps: every member draws the batch of its own step.
+the training step is shared (:class:`irnn.engine.ensemble.StackedStep`). Each
+member's chunk goes through the same :meth:`Trainer.after_chunk` as a run alone,
+so a member that diverges rolls back alone (and skips its own batches), and then
+simply trails the others by some steps: every member draws the batch of its own
+step (:meth:`Trainer.batch`).
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ def fit_together(trainers: list[Trainer], progress: bool = False) -> list[Run]:
             clips = [t.cfg.clip_norm for t in active]
             losses, norms = [], []
             for i in range(n):
-                xs, ys = zip(*(t.task.batch(t.state.step + i, t.cfg.batch_size, t.cfg.seed) for t in active))
+                xs, ys = zip(*(t.batch(t.state.step + i) for t in active))
                 loss, norm = step(models, opts, clips, torch.stack(xs), torch.stack(ys))
                 losses.append(loss)
                 norms.append(norm)

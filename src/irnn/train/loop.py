@@ -5,8 +5,19 @@ boundary; each chunk syncs with the device once, hands its losses to the
 divergence guard, and only then is accepted. A run killed at any moment (even
 by SIGKILL) resumes from its last good checkpoint and, on the CPU, ends with the
 same ``metrics.jsonl`` and parameters as an uninterrupted run: data is a pure
-function of ``(seed, step)`` and the checkpoint holds model, optimiser, step,
-RNG and guard state.
+function of ``(seed, step + data_offset)`` and the checkpoint holds model,
+optimiser, step, RNG, guard state and how many metrics lines it has seen.
+
+The guard (:mod:`irnn.train.guard`) absorbs loss spikes that pass and flags a run
+that diverges. Then the loop rolls back to the last checkpoint, skips every
+batch that the abandoned attempt drew (so the retry meets other data, not the
+batches that spiked again) and lowers the learning rate. Retries count per
+incident: once the run has trained ``guard_window`` steps past the trouble and
+checkpointed, it has recovered, and the learning rate and the retry count are
+reset. With the retries of an incident spent, a run whose loss is still finite
+goes on as it would without the guard; only a non-finite one stops as
+``diverged``. While a spike is under watch no checkpoint (nor ``best.pt``) is
+written, so a rollback always lands before the spike.
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ from ..runs import checkpoint as ckpt
 from ..runs.store import MetricsLog, RunDir, WriteError, default_run_name, git_revision, model_label
 from ..runs.trackers import Tracker, check_trackers, finish_trackers, make_trackers
 from ..tasks import Task, make_task
-from .guard import DivergenceGuard
+from .guard import DivergenceGuard, Scan
 from .optim import make_optimizer
 
 
@@ -94,8 +105,15 @@ class LoopState:
 
     step: int = 0
     lr_scale: float = 1.0
-    retries: int = 0
-    divergences: int = 0
+    # the guard (see the module docstring)
+    data_offset: int = 0  # the batch of step s is batch s + data_offset; each rollback skips ahead
+    skipped: int = 0  # batches skipped by rollbacks
+    retries: int = 0  # rollbacks in the open incident
+    incident_until: int | None = None  # an incident is open until a checkpoint at or after this step
+    interventions: int = 0  # rollbacks over the whole run
+    absorbed: int = 0  # spikes that passed without a rollback
+    watch: dict[str, Any] | None = None  # the spike under watch (DivergenceGuard.scan)
+    metrics_lines: int = 0  # metrics.jsonl lines written so far: a resume keeps exactly these
     best: float | None = None
     best_step: int | None = None
     solved_step: int | None = None
@@ -147,11 +165,16 @@ class Trainer:
         self.ckpt_every = cfg.ckpt_every or cfg.eval_every
         self.progress = (not cfg.quiet) if progress is None else progress
         self.notes: list[str] = []
+        self.spike = None  # inject_spike: (batch index, input factor)
+        if cfg.inject_spike:
+            index, factor = cfg.inject_spike.split(":")
+            self.spike = (int(index), float(factor))
+        self.pending_best: bytes | None = None  # best.pt of a better evaluation, written with the next checkpoint
         if resume:
             self._restore_for_resume()
         else:
             self._write_config()
-        example = self.task.batch(self.state.step, cfg.batch_size, cfg.seed)
+        example = self.task.batch(self.state.step + self.state.data_offset, cfg.batch_size, cfg.seed)  # shapes
         self.train_step = make_train_step(self.model, self.engine, self.task.loss_fn, self.optimizer,
                                           cfg.clip_norm, example)
         self.snapshot = self._state_dict()
@@ -173,7 +196,7 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            loop = LoopState(**state["loop"])
+            loop = _loop_state(state["loop"])
             rng = state["rng"]
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.device.type == "cuda":
@@ -211,7 +234,10 @@ class Trainer:
         else:
             self._note("warning: no usable checkpoint: starting again from step 0")
         # Lines written after the checkpoint will be written again, identically: drop them.
-        self.run.truncate_metrics(step)
+        if state is not None and "metrics_lines" in state["loop"]:
+            self.state.metrics_lines = self.run.truncate_metrics(lines=self.state.metrics_lines)
+        else:  # a checkpoint from before metrics_lines was kept: its step is the next best cut
+            self.state.metrics_lines = self.run.truncate_metrics(step)
 
     def _note(self, line: str) -> None:
         """One line for the person running this (stderr), kept in ``self.notes`` as well."""
@@ -234,6 +260,14 @@ class Trainer:
                 lr *= float(f)
         return lr
 
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of ``step``: batch ``step + data_offset`` of the task."""
+        index = step + self.state.data_offset
+        x, y = self.task.batch(index, self.cfg.batch_size, self.cfg.seed)
+        if self.spike is not None and index == self.spike[0]:
+            x = x * self.spike[1]
+        return x, y
+
     def _next_boundary(self, step: int) -> int:
         cands = [self.total]
         for every in (self.cfg.log_every, self.cfg.eval_every, self.ckpt_every):
@@ -245,6 +279,7 @@ class Trainer:
 
     def emit(self, record: dict[str, Any]) -> None:
         self.log.write(record)
+        self.state.metrics_lines += 1
         for t in self.trackers:
             t.log(record)
         if self.on_record is not None:
@@ -274,7 +309,7 @@ class Trainer:
         self.train_step.set_lr(lr)
         losses, norms = [], []
         for step in range(s.step, end):
-            x, y = self.task.batch(step, cfg.batch_size, cfg.seed)
+            x, y = self.batch(step)
             loss, norm = self.train_step(x, y)
             losses.append(loss)
             norms.append(norm)
@@ -285,18 +320,22 @@ class Trainer:
         """Accept the chunk just trained (or roll it back); log, evaluate, checkpoint. False: stop the run."""
         cfg = self.cfg
         s = self.state
-        bad = self._check(losses_h, norms_h)
-        if bad is not None:
-            idx, why = bad
-            if not self._rollback(s.step + idx, why, losses_h[idx], norms_h[idx]):
-                self.reason = why
-                if cfg.guard:
-                    self.reason += f"; gave up after {s.retries} rollbacks (guard_retries={cfg.guard_retries})"
-                return False
-            self.bar.n = self.state.step  # the rollback restored an earlier loop state
-            self.bar.refresh()
-            self._t_chunk = time.perf_counter()
-            return True
+        scan = self._check(losses_h, norms_h)
+        if scan.bad is not None:
+            idx, why, _ = scan.bad
+            if self.guard is not None and s.retries < cfg.guard_retries:
+                self._rollback(idx, why, losses_h[idx], norms_h[idx])
+                self.bar.n = self.state.step  # the rollback restored an earlier loop state
+                self.bar.refresh()
+                self._t_chunk = time.perf_counter()
+                return True
+            # Non-finite with no retry left (or no guard): nothing to continue from.
+            self._divergence_event(s.step + idx, why, losses_h[idx], norms_h[idx], action="stop")
+            self.reason = why
+            if self.guard is not None:
+                self.reason += (f"; gave up after {s.retries} rollbacks in this incident "
+                                f"(guard_retries={cfg.guard_retries})")
+            return False
         now = time.perf_counter()
         dt = now - self._t_chunk
         self._t_chunk = now
@@ -305,8 +344,9 @@ class Trainer:
         s.acc_grad += sum(norms_h)
         s.acc_grad_max = max([s.acc_grad_max] + norms_h)
         s.acc_n += len(losses_h)
-        if self.guard is not None:
-            s.recent = self.guard.accept(s.recent, losses_h)
+        s.recent, s.watch = scan.recent, scan.watch
+        for i, watch in scan.closed:
+            self._watch_closed(s.step + i, watch)
         s.step += len(losses_h)
         self.bar.update(s.step - self.bar.n)
         if s.step % cfg.log_every == 0 or s.step == self.total:
@@ -321,8 +361,11 @@ class Trainer:
         if evaluated:
             self._evaluate()
         # Also after every evaluation: a rollback then never lands before an eval line or a
-        # best.pt, so both always belong to the trajectory that the run continues.
-        if evaluated or s.step % self.ckpt_every == 0:
+        # best.pt, so both always belong to the trajectory that the run continues. Never with a
+        # spike under watch: the rollback it may need must land before the spike.
+        if (evaluated or s.step % self.ckpt_every == 0) and s.watch is None:
+            if s.incident_until is not None and s.step >= s.incident_until:
+                self._recovered()
             self._checkpoint()
         self._t_chunk = time.perf_counter()  # evaluation and checkpoints are not training time
         self.bar.set_postfix_str(self._postfix(), refresh=False)
@@ -332,6 +375,8 @@ class Trainer:
         """Close the run: final summary, trackers, log."""
         self.bar.close()
         try:
+            if status == "diverged":  # its last evaluations are final: their best.pt too
+                self._write_best()
             summary = self._write_summary(status, reason)
             finish_trackers(self.trackers, self.run.path, summary)
         except OSError:
@@ -376,41 +421,75 @@ class Trainer:
             run = self.end(status, reason)
         return run
 
-    def _check(self, losses: list[float], norms: list[float]) -> tuple[int, str] | None:
-        if self.guard is not None:
-            return self.guard.check(self.state.recent, losses, norms)
-        for i, (l, g) in enumerate(zip(losses, norms)):
-            if not math.isfinite(l):
-                return i, f"non-finite loss ({l}) with the guard off"
-            if not math.isfinite(g):
-                return i, f"non-finite gradient norm ({g}) with the guard off"
-        return None
-
-    def _rollback(self, bad_step: int, why: str, loss: float, norm: float) -> bool:
-        """Restore the last good checkpoint with a lower learning rate; False once retries are spent."""
+    def _check(self, losses: list[float], norms: list[float]) -> Scan:
         s = self.state
-        cfg = self.cfg
-        give_up = not cfg.guard or s.retries >= cfg.guard_retries
-        record = {"step": bad_step + 1, "kind": "event", "event": "divergence", "reason": why,
-                  "loss": loss, "grad_norm": norm, "lr": self._lr(bad_step)}
-        if give_up:
-            record["action"] = "stop"
-            s.divergences += 1
-            self.emit(record)
-            return False
-        retries, divergences, lr_scale = s.retries + 1, s.divergences + 1, s.lr_scale * cfg.guard_lr_decay
-        self._load_state_dict(self.snapshot)
+        if self.guard is not None:
+            return self.guard.scan(s.recent, s.watch, s.step, losses, norms,
+                                   tolerate=s.retries >= self.cfg.guard_retries,
+                                   final=s.step + len(losses) >= self.total)
+        out = Scan(recent=[], watch=None)
+        for i, (l, g) in enumerate(zip(losses, norms)):
+            if not math.isfinite(l) or not math.isfinite(g):
+                what = f"loss ({l})" if not math.isfinite(l) else f"gradient norm ({g})"
+                out.bad = (i, f"non-finite {what} with the guard off", False)
+                break
+        return out
+
+    def _divergence_event(self, bad_step: int, why: str, loss: float, norm: float, **extra: Any) -> None:
+        self.emit({"step": bad_step + 1, "kind": "event", "event": "divergence", "reason": why, "loss": loss,
+                   "grad_norm": norm, "lr": self._lr(bad_step), **extra})
+
+    def _watch_closed(self, step: int, watch: dict[str, Any]) -> None:
+        """A watch over a spike ended at ``step`` without a rollback: absorbed, or kept because the
+        incident's retries are spent (a finite loss then goes on as it would without the guard)."""
+        s = self.state
+        if watch["outcome"] == "absorbed":
+            s.absorbed += 1
+            self.emit({"step": step + 1, "kind": "event", "event": "spike_absorbed", "spike_step": watch["step"],
+                       "loss": watch["loss"], "median": watch["median"], "above": watch["above"],
+                       "watched": watch["seen"]})
+        else:
+            self.emit({"step": step + 1, "kind": "event", "event": "divergence", "reason": self.guard.describe(watch),
+                       "loss": watch["loss"], "lr": self._lr(step), "action": "continue", "retry": s.retries,
+                       "spike_step": watch["step"]})
+        if s.incident_until is not None:  # a clean stretch counts from here
+            s.incident_until = max(s.incident_until, step + 1 + self.cfg.guard_window)
+
+    def _rollback(self, idx: int, why: str, loss: float, norm: float) -> None:
+        """Back to the last checkpoint, past every batch the abandoned attempt drew, at a lower lr."""
+        s, cfg = self.state, self.cfg
+        bad_step = s.step + idx
+        target = self.snapshot["step"]
+        first, count = target + s.data_offset, bad_step + 1 - target
+        lr_scale = s.lr_scale * cfg.guard_lr_decay
+        # What outlives the rollback: the guard's own state, and the counts of the events it wrote.
+        keep = dict(data_offset=s.data_offset + count, skipped=s.skipped + count, retries=s.retries + 1,
+                    interventions=s.interventions + 1, absorbed=s.absorbed, lr_scale=lr_scale,
+                    incident_until=max(s.incident_until or 0, bad_step + 1 + cfg.guard_window))
+        self._divergence_event(bad_step, why, loss, norm, action="rollback", rollback_to=target,
+                               new_lr=cfg.lr * lr_scale, retry=keep["retries"])
+        self.emit({"step": bad_step + 1, "kind": "event", "event": "skip_batches", "first": first,
+                   "last": first + count - 1, "count": count})
+        # A copy: optimisers update their state tensors in place (Adam's moments), and loading the
+        # snapshot itself would let the retry rewrite the state that the next rollback restores.
+        self._load_state_dict(copy.deepcopy(self.snapshot))
         self.train_step.reset()
         s = self.state
-        s.retries, s.divergences, s.lr_scale = retries, divergences, lr_scale
-        record.update(action="rollback", rollback_to=s.step, new_lr=cfg.lr * lr_scale, retry=retries)
-        self.emit(record)
+        for k, v in keep.items():
+            setattr(s, k, v)
+        self.pending_best = None  # measured on the abandoned trajectory
         # The abandoned trajectory's train/eval lines (after the rollback target) would otherwise
         # sit next to the replayed ones at the same steps; the event lines say what happened.
         self.log.close()
-        self.run.truncate_metrics(s.step, keep_events=True)
+        s.metrics_lines = self.run.truncate_metrics(lines=s.metrics_lines, keep_events=True)
         self.log = MetricsLog(self.run.metrics_path)
-        return True
+
+    def _recovered(self) -> None:
+        """The open incident is over: retries and learning rate start afresh."""
+        s = self.state
+        self.emit({"step": s.step, "kind": "event", "event": "recovered", "retries": s.retries,
+                   "lr": self.cfg.lr, "skipped": s.skipped})
+        s.retries, s.lr_scale, s.incident_until = 0, 1.0, None
 
     @torch.no_grad()
     def _evaluate(self) -> None:
@@ -428,10 +507,16 @@ class Trainer:
         if better:
             s.best, s.best_step = value, s.step
         self.emit({"step": s.step, "kind": "eval", **metrics})
-        if better:
-            ckpt.atomic_write_bytes(self.run.ckpt_dir / "best.pt", ckpt.encode(self._state_dict()))
+        if better:  # written with the next checkpoint: a rollback never lands before a best.pt
+            self.pending_best = ckpt.encode(self._state_dict())
+
+    def _write_best(self) -> None:
+        if self.pending_best is not None:
+            ckpt.atomic_write_bytes(self.run.ckpt_dir / "best.pt", self.pending_best)
+            self.pending_best = None
 
     def _checkpoint(self) -> None:
+        self._write_best()
         self.snapshot = self._state_dict()
         ckpt.save(self.run, self.snapshot, keep=self.cfg.keep_checkpoints)
         self._write_summary("running")
@@ -443,8 +528,8 @@ class Trainer:
             parts.append(f"loss={s.last_train_loss:.4g}")
         if s.last_eval:
             parts.append(f"{self.task.primary_metric}={s.last_eval[self.task.primary_metric]:.4g}")
-        if s.divergences:
-            parts.append(f"rollbacks={s.divergences}")
+        if s.interventions:
+            parts.append(f"rollbacks={s.interventions}")
         return " ".join(parts)
 
     @property
@@ -469,7 +554,8 @@ class Trainer:
             f"final_{pm}": s.last_eval.get(pm), f"baseline_{pm}": task.baseline,
             "final_test_loss": s.last_eval.get("test_loss"), "baseline_loss": task.baseline_loss,
             "solved_step": s.solved_step, "solved_threshold": task.solved_threshold,
-            "final_train_loss": s.last_train_loss, "divergences": s.divergences, "lr_final": cfg.lr * s.lr_scale,
+            "final_train_loss": s.last_train_loss, "guard_interventions": s.interventions,
+            "spikes_absorbed": s.absorbed, "skipped_batches": s.skipped, "lr_final": cfg.lr * s.lr_scale,
             "wall_time_s": s.wall_time_s, "engine": self.engine, "device": str(self.device),
         }
         if self.stopped_solved:
@@ -485,6 +571,14 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, unit="step",
                 dynamic_ncols=True, leave=True, mininterval=0.5)
+
+
+def _loop_state(values: dict[str, Any]) -> LoopState:
+    """A checkpoint's loop state; one written before the per-incident guard keeps what still applies."""
+    values = dict(values)
+    if "divergences" in values:  # its rollbacks; its retries counted over the whole run, not per incident
+        values["interventions"], values["retries"] = values.pop("divergences"), 0
+    return LoopState(**values)
 
 
 def _np_state() -> list:
