@@ -75,7 +75,7 @@ QUICK_LR = 5e-4
 
 
 def _quick() -> Budget:
-    return Budget(data_source="sample5k", models=("irnn", "rnn-tanh", "rnn-relu"), tasks=TASKS, seeds=(0, 1, 2),
+    return Budget(data_source="sample5k", models=MODELS, tasks=TASKS, seeds=(0, 1, 2),
                   steps=QUICK_STEPS, epochs=None, batch_size=32, optimizer="adam", lr=QUICK_LR, input_std=1.0,
                   eval_every=250, log_every=50, workers=2, threads=1)
 

@@ -303,7 +303,7 @@ class Trainer:
 
     def run_chunk(self) -> tuple[list[float], list[float], float]:
         """Train up to the next logging/eval/checkpoint boundary; returns losses, grad norms and the lr."""
-        s, cfg = self.state, self.cfg
+        s = self.state
         end = self._next_boundary(s.step)
         lr = self._lr(s.step)
         self.train_step.set_lr(lr)
