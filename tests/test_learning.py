@@ -40,3 +40,18 @@ def test_stop_when_solved_ends_a_run_early_and_stays_ended(tmp_path):
     full = irnn.train(irnn.Config(**{**base, "steps": s["steps"] + 250}), out_dir=tmp_path / "full")
     assert numbers(tmp_path / "full")[:len(stopped)] == stopped
     assert full.summary["steps"] == s["steps"] + 250
+
+
+def test_irnn_train_is_callable_after_a_submodule_import():
+    # importing a submodule binds irnn.train to the package; it must still train (a user's notebook
+    # that imported irnn.train.guard first got "'module' object is not callable")
+    import subprocess
+    import sys
+
+    code = ("import irnn, irnn.train.guard, sys; "
+            "run = irnn.train(irnn.Config(seq_len=5, steps=4, eval_every=2, log_every=2, train_size=64, "
+            "test_size=16, batch_size=8, quiet=True), out_dir=sys.argv[1]); print(run.summary['status'])")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run([sys.executable, "-c", code, d + "/r"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "completed", out.stderr
