@@ -391,3 +391,17 @@ def test_report_compares_the_instruction_sets(tmp_path):
     assert f"**{INCONCLUSIVE}**" in row and "flips with the instruction set" in row
     # the results table holds the default members only
     assert (sw.path / "members.csv").read_text().count("\n") == 7
+
+
+def test_a_seed_stopped_once_solved_keeps_its_last_value_in_the_mean():
+    from irnn.experiments.figures import _curve_band
+
+    stopped = member("irnn", 150, 0, curve(500, 1000, end=0.002))
+    stopped.summary["stopped_early"] = "solved at 2 evaluations in a row (stop_when_solved)"
+    running = member("irnn", 150, 1, curve(None, 2000))
+    diverged = member("irnn", 150, 2, curve(None, 750), state="diverged")
+    steps, mean, lo, hi = _curve_band([stopped, running, diverged])
+    assert steps == [250.0, 500.0, 750.0, 1000.0, 1250.0, 1500.0, 1750.0, 2000.0]
+    assert mean[-1] == pytest.approx((0.002 + 0.17) / 2)  # the stopped seed counts, the diverged one does not
+    assert lo[-1] == 0.002 and hi[-1] == 0.17
+    assert mean[2] == pytest.approx((0.002 + 0.17 + 0.17) / 3)

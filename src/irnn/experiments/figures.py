@@ -54,13 +54,22 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
 
 
 def _curve_band(members: Sequence[Member], attr: str = "evals") -> tuple[list[float], list[float], list[float], list[float]]:
-    """Mean, min and max over seeds at every step that any seed evaluated (seeds that stopped
-    early, e.g. diverged, drop out of later steps)."""
+    """Mean, min and max over seeds at every step that any seed evaluated. A seed that stopped once
+    solved (``stop_when_solved``) keeps its last value to the end, so the mean stays a mean over all
+    seeds; seeds that stopped for other reasons (diverged, unfinished) drop out of later steps."""
     by_step: dict[int, list[float]] = {}
     for m in members:
         for step, v in getattr(m, attr):
             if isinstance(v, float) and math.isfinite(v):
                 by_step.setdefault(step, []).append(v)
+    last = max(by_step, default=0)
+    for m in members:
+        points = [(step, v) for step, v in getattr(m, attr) if isinstance(v, float) and math.isfinite(v)]
+        if m.summary.get("stopped_early") and points:
+            end, value = points[-1]
+            for step in sorted(by_step):
+                if end < step <= last:
+                    by_step[step].append(value)
     steps = sorted(by_step)
     mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
     lo = [min(by_step[s]) for s in steps]
