@@ -355,6 +355,7 @@ def test_verdict_of_a_length_whose_seeds_all_failed_before_a_summary():
 def test_standard_study_spec():
     spec, meta = study_spec("seed", "standard")
     members = expand_spec(spec)
+    assert expand_spec(parse_spec(spec.to_dict())) == members  # what a worker process reads back
     by = {}
     for c in members.values():
         by.setdefault((c.model, c.seq_len, c.isa), []).append(c)

@@ -207,6 +207,8 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
         base["threads"] = b.threads
     if b.stop_when_solved:
         base["stop_when_solved"] = b.stop_when_solved
+    if b.steps_by_length:
+        del base["steps"]  # each length's table sets it (a key may not be in both base and grid)
     base.update({k: v for k, v in (env or {}).items() if k in ENV_KEYS})
     common = {"seq_len": list(b.lengths), "seed": list(b.seeds)}
     grid: list[dict[str, list[Any]]] = []
