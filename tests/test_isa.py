@@ -65,3 +65,30 @@ def test_an_isa_the_cpu_lacks_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "isa=avx2" in err and "generic" in err, err
     assert not (tmp_path / "x").exists()  # nothing half-made
+
+
+def test_avx2_and_avx512_agree_bitwise_and_the_study_compares_against_generic():
+    """The vector kernels add each sum in the same order with fused multiply-adds whatever the width, so
+    AVX2 and AVX-512 give the same bits; only the baseline code (no FMA) rounds differently, so that is
+    the second instruction set of the standard study."""
+    if NO_EXTENSION:
+        pytest.skip("IRNN_NO_EXTENSION is set")
+    import torch
+
+    from irnn.experiments.reproduce import second_isa
+
+    assert second_isa() == "generic"
+    if fused._load().best_isa() < ISA["avx512"]:
+        pytest.skip("needs AVX-512 to compare with AVX2")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 40, 2, generator=g)
+    w = [torch.randn(32, 2, generator=g) * 0.3, torch.eye(32) + 0.05 * torch.randn(32, 32, generator=g),
+         torch.zeros(32), torch.zeros(32)]
+    w = [t.requires_grad_() for t in w]
+    results = {}
+    for isa in ("avx512", "avx2", "generic"):
+        set_isa(isa)
+        out = fused.rnn_layer(x, *w, impl="cpp")
+        results[isa] = [out.detach(), *torch.autograd.grad(out.sum(), w)]
+    assert all(torch.equal(a, b) for a, b in zip(results["avx512"], results["avx2"]))
+    assert not all(torch.equal(a, b) for a, b in zip(results["avx2"], results["generic"]))
