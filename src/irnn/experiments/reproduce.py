@@ -98,9 +98,13 @@ def _quick(preset: str) -> Budget:
 # 1 blew up at 19,000; at lr 2e-3 T=400 diverged at once. The LSTM at T=400 (lr 5e-4) stayed on the
 # plateau for 20,000 steps. A step costs (batch 32, 1 thread, T = 150/200/300/400): IRNN 1.1/1.4/1.8/
 # 2.5 ms, tanh RNN 3.0/3.8/5.6/7.6 ms, LSTM 9.6/9.9/17/23.5 ms, so the LSTM's 5 seeds set the budget:
-# the step budgets below were meant to keep the study near 75 minutes on 2 cores; measured
-# (2026-12-02, with extra load) it took 98 minutes, the LSTM 10,262 of 13,970 s of training (README).
-STANDARD_STEPS = {150: 12_000, 200: 16_000, 300: 20_000, 400: 24_000}
+# the first budgets (12,000/16,000/20,000/24,000) took 98 minutes on AMD (2026-12-02, with extra load), the
+# LSTM 10,262 of 13,970 s of training, and would have needed about 2 h 15 min on 2 cores of an Intel Xeon
+# (2.6 GHz, AVX-512), where a step costs IRNN 2.3/2.8/3.6/4.3 ms, the IRNN under isa=generic 5.0 ms at
+# T=150 and 10.6 ms at T=400, tanh RNN 3.1/3.7/5.0/6.7 ms, LSTM 12.6/17.5/25/34 ms. The budgets below
+# keep every IRNN seed's solve of those runs at T=150 (5,000-9,000 steps) and T=200 (9,000-12,500) and
+# cut T=300/400, where most seeds of both models had not solved by 20,000/24,000 steps anyway.
+STANDARD_STEPS = {150: 10_000, 200: 14_000, 300: 16_000, 400: 16_000}
 STANDARD_SEEDS = {"irnn": 5, "lstm": 5, "rnn-tanh": 3, "rnn-relu": 3}
 STOP_WHEN_SOLVED = 4  # evaluations in a row below 0.01 end a run: its steps to solve are known by then
 

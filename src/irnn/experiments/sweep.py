@@ -605,11 +605,13 @@ def setting_key(cfg: dict[str, Any]) -> str:
 # A step's cost against the ReLU RNN's on the fused CPU engines (T = 150-400, batch 32, 1 thread,
 # measured 2026-12-02): tanh about 2.6x (no units drop out), LSTM about 8.5x (four dense gates), GRU ~6x.
 _STEP_COST = {"rnn-tanh": 2.6, "lstm": 8.5, "gru": 6.0}
+_GENERIC_COST = 2.2  # the baseline kernels (isa=generic) against AVX-512 (IRNN, T=150-400, Intel Xeon)
 
 
 def _cost(cfg: Config) -> float:
     """A rough relative cost of a member: steps x length x the model's step cost (``_STEP_COST``)."""
-    return cfg.total_steps() * cfg.sequence_length() * _STEP_COST.get(cfg.model, 1.0)
+    isa = _GENERIC_COST if cfg.isa == "generic" else 1.0
+    return cfg.total_steps() * cfg.sequence_length() * _STEP_COST.get(cfg.model, 1.0) * isa
 
 
 def work_loop(sweep: Sweep, names: Optional[list[str]] = None, *, progress: bool = False,
