@@ -123,6 +123,9 @@ def engine_builders(seq_len: int, batch: int, device: torch.device, ensembles: l
         "prototype pipeline": (lambda: make_prototype_step(seq_len, batch, device), 1),
         f"irnn default ({resolved})": (lambda: make_library_step("auto", "irnn", seq_len, batch, device)[0], 1),
     }
+    tanh = resolve_engine("auto", build_model(Config(model="rnn-tanh"), 2, 1), device)
+    rows["nn.RNN tanh eager"] = (lambda: make_library_step("torch", "rnn-tanh", seq_len, batch, device)[0], 1)
+    rows[f"RNN-TANH default ({tanh})"] = (lambda: make_library_step("auto", "rnn-tanh", seq_len, batch, device)[0], 1)
     for kind, module in (("lstm", "nn.LSTM"), ("gru", "nn.GRU")):  # the gated baselines: eager and irnn's default
         gated = resolve_engine("auto", build_model(Config(model=kind), 2, 1), device)
         rows[f"{module} eager"] = (lambda kind=kind: make_library_step("torch", kind, seq_len, batch, device)[0], 1)
@@ -182,6 +185,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--ensemble", type=int, nargs="*", default=[16], help="ensemble sizes to time")
+    ap.add_argument("--only", nargs="+", metavar="WORD",
+                    help="time only the rows whose name contains one of these words (nn.RNN eager is always kept)")
     ap.add_argument("--peak-of", metavar="ROW", help=argparse.SUPPRESS)  # child: print one row's peak memory
     args = ap.parse_args()
     torch.set_flush_denormal(True)
@@ -204,6 +209,9 @@ def main() -> None:
         torch.set_num_threads(threads)
         for T in args.seq_len:
             builders = engine_builders(T, args.batch, device, args.ensemble)
+            if args.only:
+                builders = {k: v for k, v in builders.items()
+                            if k == "nn.RNN eager" or any(w in k for w in args.only)}
             fns, peaks = {}, {}
             for name, (build, _) in builders.items():
                 if device.type == "cuda":  # memory counters that reset: measured here, with the warm-up
@@ -228,7 +236,7 @@ def main() -> None:
           f"{memory}: the most memory building the engine and 3 training steps added"
           + ("" if device.type == "cuda" else ", each row in a fresh process") + ".")
     by_key = {(name.split(" (")[0], T, th): ms for name, T, th, ms, *_ in rows}
-    for kind, module in (("LSTM", "nn.LSTM"), ("GRU", "nn.GRU")):
+    for kind, module in (("RNN-TANH", "nn.RNN tanh"), ("LSTM", "nn.LSTM"), ("GRU", "nn.GRU")):
         for (name, T, th), ms in by_key.items():
             eager = by_key.get((f"{module} eager", T, th))
             if name == f"{kind} default" and eager:

@@ -29,19 +29,31 @@ def test_bench_step_prints_every_engine_and_the_ensemble_baseline():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| engine")]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names[:7] == ["nn.RNN eager", "prototype pipeline", names[2], "nn.LSTM eager", names[4], "nn.GRU eager",
-                         names[6]]
+    assert names[:9] == ["nn.RNN eager", "prototype pipeline", names[2], "nn.RNN tanh eager", names[4],
+                         "nn.LSTM eager", names[6], "nn.GRU eager", names[8]]
     assert names[2].startswith("irnn default (") and any(n.startswith("ensemble N=2 (") for n in names)
-    assert names[4].startswith("LSTM default (") and names[6].startswith("GRU default (")
+    assert names[4].startswith("RNN-TANH default (")
+    assert names[6].startswith("LSTM default (") and names[8].startswith("GRU default (")
     assert any(n.startswith("2 models one after another (") for n in names)
     for r in rows:  # ms/step and the ratio are positive numbers; each row has its own peak memory
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert float(cells[3]) > 0 and float(cells[7].rstrip("x")) > 0
         assert cells[6] == "n/a" if not HAS_PROC else float(cells[6]) >= 0
     assert re.search(r"ensemble N=2, T=12, 1 thread\(s\): [0-9.]+x the throughput of the same 2 models", out.stdout)
-    for kind in ("LSTM", "GRU"):
-        assert re.search(rf"{kind} default, T=12, 1 thread\(s\), batch 4: [0-9.]+x the speed of nn.{kind} eager",
+    for kind, module in (("RNN-TANH", "nn.RNN tanh"), ("LSTM", "nn.LSTM"), ("GRU", "nn.GRU")):
+        assert re.search(rf"{kind} default, T=12, 1 thread\(s\), batch 4: [0-9.]+x the speed of {module} eager",
                          out.stdout)
+
+
+def test_bench_step_only_keeps_the_named_rows_and_the_baseline():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--seq-len", "12",
+                          "--threads", "1", "--ensemble", "2", "--repeats", "1", "--steps", "1", "--batch", "4",
+                          "--only", "tanh", "TANH"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| engine")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names[:2] == ["nn.RNN eager", "nn.RNN tanh eager"] and names[2].startswith("RNN-TANH default (")
+    assert len(names) == 3
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="resident-memory peaks need Linux /proc")

@@ -415,6 +415,42 @@ def test_bad_arguments():
         fused.rnn_layer(x, *params, impl="cuda")
 
 
+@pytest.mark.skipif(NO_EXTENSION, reason="needs the C++ extension")
+def test_tanh_without_aten_dispatch_is_bitwise_torch_tanh(tmp_path):
+    """The forward's tanh (MKL's vmsTanh on all of a step's rows in one call, where torch has it) gives
+    bitwise the states of the ATen tanh_ call it replaces, for row widths with and without a vector tail,
+    narrow and wide inputs, and every instruction set; so does the backward that reads them."""
+    code = textwrap.dedent("""
+        import sys, torch
+        from irnn.engine import fused
+        assert fused.available()
+        ops = fused._load()
+        torch.manual_seed(0)
+        outs = []
+        for B, T, H, I in [(16, 150, 100, 2), (5, 37, 19, 3), (32, 20, 100, 12), (3, 9, 129, 1), (16, 50, 7, 2)]:
+            x = torch.randn(B, T, I) * 2
+            w_ih, w_hh = torch.randn(H, I), torch.randn(H, H) / H ** 0.5
+            b_ih, b_hh = torch.randn(H) * 0.1, torch.randn(H) * 0.1
+            for isa in (0, 2, 1):
+                out = ops.forward(x, w_ih, w_hh, b_ih, b_hh, False, 2, isa)
+                grads = ops.backward(torch.randn(B, T, H), x, w_ih, w_hh, out, False, True, True, 2, isa, False)
+                outs += [out, *grads]
+        torch.save(outs, sys.argv[1])
+    """)
+    path = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    results = {}
+    for mode in ("aten", "default"):
+        env = dict(os.environ, PYTHONPATH=path, IRNN_FUSED_TANH=mode)
+        out = tmp_path / f"{mode}.pt"
+        result = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        results[mode] = torch.load(out)
+    assert len(results["aten"]) == len(results["default"]) == 5 * 3 * 5
+    for a, b in zip(results["aten"], results["default"]):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 def test_no_extension_env_falls_back():
     code = textwrap.dedent("""

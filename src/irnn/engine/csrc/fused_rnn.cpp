@@ -47,8 +47,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -57,6 +59,12 @@
 #else
 #define IRNN_X86 0
 #endif
+
+// MKL's vector tanh, the function behind torch.tanh on float in torch's MKL builds (at::vml::vtanh calls
+// vmsTanh with these flags); libtorch_cpu exports it. Weak: a torch without it leaves it null, and the
+// engine then calls ATen's tanh_ instead (same numbers, plus ~1-2 us of dispatch per call).
+extern "C" void vmsTanh(int n, const float* a, float* r, long long mode) __attribute__((weak));
+constexpr long long kVmlHa = 0x2, kVmlFtzdazOff = 0x140000, kVmlErrmodeIgnore = 0x100;
 
 #define IRNN_INLINE inline __attribute__((always_inline))
 
@@ -838,6 +846,35 @@ void tanh_rows(T* p, int64_t rows, int64_t stride, int64_t H) {
   at::from_blob(p, {rows, H}, {stride, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)).tanh_();
 }
 
+// tanh_rows for float without ATen's per-call dispatch (a tensor and an op call per step and row group):
+// MKL's vmsTanh on each row as ATen would call it, so the numbers are bitwise torch.tanh's (tested against
+// IRNN_FUSED_TANH=aten).
+// The rows are gathered into one buffer for a single call: each call costs ~0.1 us of set-up, which at one
+// call per row was a fifth of a tanh RNN's step at B=32 (vmsTanh's results are elementwise: tested).
+void tanh_rows_mkl(float* p, int64_t rows, int64_t stride, int64_t H) {
+  thread_local std::vector<float> buf;
+  buf.resize(rows * H);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf.data() + r * H, p + r * stride, H * sizeof(float));
+  vmsTanh((int)(rows * H), buf.data(), buf.data(), kVmlHa | kVmlFtzdazOff | kVmlErrmodeIgnore);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(p + r * stride, buf.data() + r * H, H * sizeof(float));
+}
+
+// The tanh the forward calls: the one ATen's tanh_ would run on this CPU, without its dispatch where
+// SLEEF is at hand; IRNN_FUSED_TANH=aten forces the ATen call (the A/B reference of the tests).
+// The tanh the forward calls: torch.tanh's own numbers, without ATen's dispatch where MKL's vmsTanh is at
+// hand; IRNN_FUSED_TANH=aten forces the ATen call (the A/B reference of the tests and benchmarks).
+template <typename T>
+auto pick_tanh_rows() -> void (*)(T*, int64_t, int64_t, int64_t) {
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool aten = [] {
+      const char* v = std::getenv("IRNN_FUSED_TANH");
+      return v && std::strcmp(v, "aten") == 0;
+    }();
+    if (!aten && vmsTanh) return &tanh_rows_mkl;
+  }
+  return &tanh_rows<T>;
+}
+
 template <typename T>
 void run_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
                  const at::Tensor& b_hh, at::Tensor& out, bool relu, int64_t groups, Isa isa) {
@@ -859,7 +896,7 @@ void run_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& 
                  bias_sum.data_ptr<T>(), H, xp.data_ptr<T>(), B * T_ * H, H);
   }
   FwdArgs<T> a{xp.defined() ? xp.data_ptr<T>() : nullptr, x.data_ptr<T>(), wi.data(), bias.data(), I,
-               out.data_ptr<T>(), wt.data(), B, T_, H, HP, relu, &tanh_rows<T>};
+               out.data_ptr<T>(), wt.data(), B, T_, H, HP, relu, pick_tanh_rows<T>()};
   auto fn = forward_rows_generic<T>;
 #if IRNN_X86
   if (isa == kAvx512) fn = forward_rows_avx512<T>;
