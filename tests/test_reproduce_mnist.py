@@ -90,11 +90,14 @@ def test_irnn_against_tanh_on_short_images_is_inconclusive():
 def test_study_specs_say_what_quick_cuts():
     spec, meta = study_spec("quick")
     members = expand(spec)
-    assert len(members) == 2 * 3 * 3  # tasks x models x seeds
-    assert {c.data_source for c in members.values()} == {"sample5k"} and "lstm" not in {c.model for c in members.values()}
+    assert len(members) == 2 * 4 * 3  # tasks x models x seeds: the LSTM is in
+    assert {c.data_source for c in members.values()} == {"sample5k"}
+    assert {c.model for c in members.values()} == {"irnn", "rnn-tanh", "rnn-relu", "lstm"}
     assert {c.task for c in members.values()} == {"mnist", "pmnist"} and not meta["full_budget"]
     text = " ".join(meta["reductions"])
-    assert "LSTM left out" in text and "5,000-image MNIST sample" in text and "rmsprop lr 1e-06" in text
+    assert "left out" not in text and "5,000-image MNIST sample" in text and "rmsprop lr 1e-06" in text
+    _, meta = study_spec("quick", models=["irnn", "rnn-tanh"])
+    assert "models: RNN + ReLU (Gaussian init), LSTM left out" in " ".join(meta["reductions"])
     spec, meta = study_spec("full", data_dir="/data/mnist")
     members = expand(spec)
     assert len(members) == 2 * 4 * 3 and meta["full_budget"] and not meta["reductions"]

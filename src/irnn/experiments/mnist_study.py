@@ -68,16 +68,16 @@ def _full() -> Budget:
 #   0.435 (two rollbacks). So quick uses 5e-4: as good, with fewer rollbacks.
 # * RMSprop lr 1e-6 (the Keras reproduction) is far slower at this budget: 0.236 on mnist after 3,000
 #   steps with the paper's input std 0.001, 0.218 with input std 1.0 (one seed each).
-# * One step: IRNN 19-21 ms, tanh RNN 33 ms (fused); LSTM 250 ms with nn.LSTM. The fused LSTM
-#   (2026-12-02) still costs about 11x the IRNN's step at 784 steps (132 against 12 ms, measured in
-#   one process while the machine was loaded): 6 LSTM runs of 3,000 steps would add about 10 minutes
-#   on two quiet cores and take the study past 20, so the quick budget still leaves the LSTM out.
+# * One step: IRNN 19-21 ms, tanh RNN 33 ms (fused); LSTM 250 ms with nn.LSTM. The fused LSTM costs about
+#   10x the IRNN's step at 784 steps (68 against 6.8 ms, batch 32, one thread, Intel Xeon, 2026-12-03):
+#   its 6 runs of 3,000 steps are about 20 minutes of one core, so with them the study takes about as long
+#   as the others' 18 runs on the other core (timing in the README).
 QUICK_STEPS = 3_000
 QUICK_LR = 5e-4
 
 
 def _quick() -> Budget:
-    return Budget(data_source="sample5k", models=("irnn", "rnn-tanh", "rnn-relu"), tasks=TASKS, seeds=(0, 1, 2),
+    return Budget(data_source="sample5k", models=MODELS, tasks=TASKS, seeds=(0, 1, 2),
                   steps=QUICK_STEPS, epochs=None, batch_size=32, optimizer="adam", lr=QUICK_LR, input_std=1.0,
                   eval_every=250, log_every=50, workers=2, threads=1)
 
@@ -109,10 +109,7 @@ def reductions(b: Budget) -> list[str]:
         out.append(f"data: {_SOURCE_TEXT[b.data_source]} instead of {_SOURCE_TEXT[f.data_source]}")
     if set(b.models) != set(f.models):
         left = [MODEL_NAMES[m] for m in f.models if m not in b.models]
-        why = (" (at 784 steps an LSTM step costs about 11x the IRNN's, even fused: 6 runs of 3,000 steps would "
-               "take the study past 20 minutes on 2 CPU cores)"
-               if "lstm" not in b.models else "")
-        out.append(f"models: {', '.join(left)} left out{why}")
+        out.append(f"models: {', '.join(left)} left out")
     if b.tasks != f.tasks:
         out.append(f"tasks {', '.join(b.tasks)} only (full: {', '.join(f.tasks)})")
     if b.seeds != f.seeds:
