@@ -26,8 +26,8 @@ import torch
 
 from irnn.config import Config
 from irnn.engine import make_train_step, resolve_engine
-from irnn.engine.ensemble import make_benchmark_step
-from irnn.models import build_model
+from irnn.engine.ensemble import StackedStep
+from irnn.models import RecurrentModel, build_model
 from irnn.tasks import make_adding
 from irnn.train.optim import make_optimizer
 
@@ -139,6 +139,41 @@ def engine_builders(seq_len: int, batch: int, device: torch.device, ensembles: l
         rows[f"{n} models one after another ({resolved})"] = (
             lambda n=n: make_benchmark_step(n, seq_len, batch, device, sequential=True), n)
     return rows
+
+
+def make_benchmark_step(n: int, seq_len: int, batch: int, device: torch.device, *, sequential: bool = False):
+    """A callable doing one stacked step of n IRNNs (for ``benchmarks/bench_step.py``).
+
+    With ``sequential``, the same n models (same seeds, optimisers and data) take one step each, one
+    after another, with the default engine: the baseline an ensemble is meant to beat.
+    """
+    models, opts = [], []
+    for k in range(n):
+        torch.manual_seed(k)
+        m = RecurrentModel("irnn", 2, 100, 1).to(device)
+        models.append(m)
+        opts.append(torch.optim.Adam(m.parameters(), lr=1e-4, fused=device.type == "cpu" or None))
+    task = make_adding(seq_len, train_size=batch * 64, test_size=16, seed=0, device=device)
+    counter = [0]
+    if sequential:
+        example = task.batch(0, batch, 0)
+        steps = [make_train_step(m, resolve_engine("auto", m, device), task.loss_fn, o, 1.0, example)
+                 for m, o in zip(models, opts)]
+
+        def run_one_by_one():
+            for k, one in enumerate(steps):
+                one(*task.batch(counter[0] + k, batch, 0))
+            counter[0] += 1
+
+        return run_one_by_one
+    step = StackedStep(task.loss_fn)
+
+    def run():
+        xs, ys = zip(*(task.batch(counter[0] + k, batch, 0) for k in range(n)))
+        counter[0] += 1
+        step(models, opts, [1.0] * n, torch.stack(xs), torch.stack(ys))
+
+    return run
 
 
 def _proc_kib(field: str) -> int:

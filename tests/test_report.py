@@ -12,7 +12,7 @@ import pytest
 
 from irnn.config import ConfigError
 from irnn.experiments import collect, create, parse_spec, steps_to_threshold, write_report
-from irnn.experiments.aggregate import Member, SettingStats, best_settings, mean_std, settings, settings_table
+from irnn.results.aggregate import Member, SettingStats, best_settings, mean_std, settings, settings_table
 from irnn.experiments.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, verdicts
 from irnn.experiments.reproduce import STANDARD_STEPS, make_figures, study_spec
 from irnn.experiments.sweep import expand as expand_spec
@@ -401,7 +401,7 @@ def test_report_compares_the_instruction_sets(tmp_path):
 
 
 def test_a_seed_stopped_once_solved_keeps_its_last_value_in_the_mean():
-    from irnn.experiments.figures import _curve_band
+    from irnn.results.figures import _curve_band
 
     stopped = member("irnn", 150, 0, curve(500, 1000, end=0.002))
     stopped.summary["stopped_early"] = "solved at 2 evaluations in a row (stop_when_solved)"

@@ -12,7 +12,7 @@ import pytest
 from irnn.cli import main
 from irnn.config import ConfigError
 from irnn.experiments import expand
-from irnn.experiments.aggregate import Member, best_settings, settings
+from irnn.results.aggregate import Member, best_settings, settings
 from irnn.experiments.mnist_study import study_spec, verdicts
 from irnn.experiments.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 

@@ -12,7 +12,6 @@ import os
 import struct
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -147,7 +146,7 @@ def test_cli_tracks_wandb_and_tensorboard(tmp_path, wandb_env):
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), name
     assert "config/text_summary" in acc.Tags()["tensors"]  # add_text stores text as a tensor summary
 
-    # The run's figures (those of `irnn plot RUN`, drawn by irnn.experiments.figures) reach both trackers.
+    # The run's figures (those of `irnn plot RUN`, drawn by irnn.results.figures) reach both trackers.
     pngs = sorted(p.stem for p in (run_path / "figures").glob("*.png"))
     assert pngs, "no figures drawn at the end of the run"
     assert {f"figures/{s}" for s in pngs} <= set(acc.Tags()["images"])
@@ -156,16 +155,16 @@ def test_cli_tracks_wandb_and_tensorboard(tmp_path, wandb_env):
 
 # -- the Python API: a sweep's group, resume, divergence events, figures ------------------
 def test_wandb_group_resume_and_events(tmp_path, wandb_env, monkeypatch):
-    # A stand-in for irnn.experiments.figures: the hook `plot_run(run_path, out_dir)` is used when it exists.
+    # A stand-in for irnn.results.figures.run_figures: whatever it draws is what the trackers log.
     drawn = []
 
-    def plot_run(run_path, out_dir):
+    def run_figures(member, out_dir):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps, mse = irnn.Run(Path(run_path), None, {}).curve("test_mse")
+        steps, mse = irnn.Run(Path(member.path), None, {}).curve("test_mse")
         fig, ax = plt.subplots(figsize=(2, 2))
         ax.plot(steps, mse)
         Path(out_dir).mkdir(exist_ok=True)
@@ -175,12 +174,9 @@ def test_wandb_group_resume_and_events(tmp_path, wandb_env, monkeypatch):
         drawn.append(path)
         return [path]
 
-    fake = types.ModuleType("irnn.experiments.figures")
-    fake.plot_run = plot_run
-    monkeypatch.setitem(sys.modules, "irnn.experiments.figures", fake)
-    import irnn.experiments as experiments
+    import irnn.results.figures
 
-    monkeypatch.setattr(experiments, "figures", fake, raising=False)
+    monkeypatch.setattr(irnn.results.figures, "run_figures", run_figures)
 
     run_path = tmp_path / "sweep" / "irnn-10__s0"
     # A learning-rate spike makes the guard roll back: its event must not pollute the training curves.

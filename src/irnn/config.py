@@ -6,6 +6,7 @@ field docs below, so each option is documented in exactly one place.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_type_hints
@@ -108,6 +109,16 @@ class Config:
 
 # Named overrides. `quick` is the main job: it must visibly solve a short adding
 # problem on 2 CPU cores within minutes.
+# Keys that say where or how verbosely a run goes, not what it computes: two invocations of the same
+# sweep may differ in them, and runs that differ only in them are the same experiment.
+ENV_KEYS = ("quiet", "device", "threads", "track", "engine")
+
+
+def setting_key(cfg: dict[str, Any]) -> str:
+    """What identifies a run's setting: its config without the seed and the environment keys."""
+    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("seed",) + ENV_KEYS}, sort_keys=True)
+
+
 def solved_threshold(primary_metric: str) -> float:
     """Where a run counts as solved: test MSE below 0.01, or an accuracy above 0.9."""
     return 0.01 if primary_metric == "test_mse" else 0.9

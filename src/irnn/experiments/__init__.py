@@ -5,9 +5,9 @@
     >>> report = reproduce("adding", preset="seed", budget="quick")  # doctest: +SKIP
     >>> report = reproduce("mnist", budget="quick")  # doctest: +SKIP
 
-This room imports the trainer, the run store and the config; nothing below imports it.
+This room imports the trainer, the results, the run store and the config; nothing below imports it.
 """
-from .aggregate import Table, collect, load_run, steps_to_threshold
+from ..results import Table, collect, load_run, steps_to_threshold
 from .reproduce import reproduce, study_spec, write_report
 from .sweep import MemberBusy, Sweep, SweepSpec, create, expand, load_spec, open_sweep, parse_spec, run_member, run_sweep, sweep
 

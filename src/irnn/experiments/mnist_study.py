@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, subset
-from .aggregate import MODEL_NAMES, SettingStats, find_cell, panel_title
+from ..results.aggregate import MODEL_NAMES, SettingStats, find_cell, panel_title
 from .report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
-from .sweep import ENV_KEYS, SweepSpec
+from ..config import ENV_KEYS
+from .sweep import SweepSpec
 
 TASKS = ("mnist", "pmnist")
 MODELS = ("irnn", "rnn-tanh", "rnn-relu", "lstm")

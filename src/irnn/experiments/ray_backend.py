@@ -96,7 +96,7 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 def _trial_groups(sweep_dir: Path, names: Sequence[str], group_seeds: bool) -> list[list[str]]:
     if not group_seeds:
         return [[n] for n in names]
-    from .sweep import setting_key
+    from ..config import setting_key
     from .sweep import open_sweep
 
     sweep = open_sweep(sweep_dir)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-from .aggregate import MODEL_NAMES, SettingStats, find_cell
+from ..results.aggregate import MODEL_NAMES, SettingStats, find_cell
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive at this budget"
 PAPER_LENGTHS = (150, 200, 300, 400)

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, subset
-from .aggregate import Member, best_settings, collect, group_settings, make_table, settings, write_tables
-from .sweep import ENV_KEYS, SweepSpec, create, open_sweep, train_sweep
+from ..results.aggregate import Member, best_settings, collect, group_settings, make_table, settings, write_tables
+from ..config import ENV_KEYS
+from .sweep import SweepSpec, create, open_sweep, train_sweep
 
 MODELS = ("irnn", "rnn-tanh", "rnn-relu", "lstm")
 PAPER_LENGTHS = (150, 200, 300, 400)
@@ -385,7 +386,7 @@ def _seeds_solved(c) -> str:
 def make_figures(members: Sequence[Member], out_dir: str | Path, *, cells=None,
                  references: Optional[dict[str, Sequence[tuple[str, float]]]] = None) -> dict[str, Path]:
     """The applicable figures for a set of members; returns {caption: PNG path}."""
-    from . import figures
+    from ..results import figures
 
     out_dir = Path(out_dir)
     started = [m for m in members if m.evals]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from ..config import Config, ConfigError, from_dict, load_file
+from ..config import ENV_KEYS, Config, ConfigError, from_dict, load_file, setting_key
 from ..runs.store import RunDir, WriteError, atomic_write_json, model_label, read_json, writable_dir
 
 SPEC_FILE, INDEX_FILE, INDEX_LOCK, SPEC_LOCK = "sweep.json", "index.json", "index.lock", "sweep.lock"
@@ -42,9 +42,6 @@ MEMBERS_DIR, LOCKS_DIR = "members", "locks"
 STATES = ("pending", "running", "completed", "failed", "diverged")
 FINISHED = ("completed", "diverged")  # a re-run skips these; failed members are tried again
 MAX_MEMBERS = 10_000
-# Keys that say where or how verbosely a member runs, not what it computes: they may
-# differ between two invocations of the same sweep.
-ENV_KEYS = ("quiet", "device", "threads", "track", "engine")
 # Keys the sweep itself sets for each member.
 RESERVED_KEYS = ("name", "out")
 SPEC_KEYS = ("name", "base", "grid", "description")
@@ -597,11 +594,6 @@ def run_member(sweep_dir: str | os.PathLike, name: str, *, progress: bool = Fals
     return summary or {"name": name, "status": entry.get("state")}
 
 
-def setting_key(cfg: dict[str, Any]) -> str:
-    """What identifies a member's setting: its config without the seed and the environment keys."""
-    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("seed",) + ENV_KEYS}, sort_keys=True)
-
-
 # A step's cost against the ReLU RNN's on the fused CPU engines (T = 150-400, batch 32, 1 thread,
 # measured 2026-12-02): tanh about 2.6x (no units drop out), LSTM about 8.5x (four dense gates), GRU ~6x.
 _STEP_COST = {"rnn-tanh": 2.6, "lstm": 8.5, "gru": 6.0}
@@ -718,8 +710,8 @@ def _spawn_workers(sweep: Sweep, names: Optional[list[str]], count: int, echo: b
 def run_sweep(sweep: Sweep | str | os.PathLike, *, names: Optional[list[str]] = None, backend: str = "local",
               address: Optional[str] = None, workers: int = 1, progress: bool = False, echo: bool = False):
     """Train a sweep's unfinished members (:func:`train_sweep`), write its tables and return its results
-    :class:`~irnn.experiments.aggregate.Table`."""
-    from .aggregate import collect, settings_table, write_tables
+    :class:`~irnn.results.aggregate.Table`."""
+    from ..results.aggregate import collect, settings_table, write_tables
 
     sweep = train_sweep(sweep, names=names, backend=backend, address=address, workers=workers, progress=progress,
                         echo=echo)

@@ -40,7 +40,7 @@ from ..engine.build import set_isa
 from ..models import build_model
 from ..runs import checkpoint as ckpt
 from ..runs.store import MetricsLog, RunDir, WriteError, default_run_name, git_revision, model_label
-from ..runs.trackers import Tracker, check_trackers, finish_trackers, make_trackers
+from ..tracking import Tracker, check_trackers, finish_trackers, make_trackers
 from ..tasks import Task, make_task
 from .guard import DivergenceGuard, Scan
 from .optim import make_optimizer

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from ..config import ConfigError, from_dict, solved_threshold
+from ..config import ENV_KEYS, ConfigError, from_dict, setting_key, solved_threshold
 from ..runs.store import atomic_write_bytes, iter_metrics, read_json
-from .sweep import ENV_KEYS, setting_key  # keys that do not change what a run computes
 
 MODEL_NAMES = {"irnn": "IRNN", "lstm": "LSTM", "rnn-relu": "RNN + ReLU (Gaussian init)", "rnn-tanh": "RNN + tanh",
                "gru": "GRU"}

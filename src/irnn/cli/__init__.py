@@ -2,93 +2,21 @@
 
 Every ``irnn train`` option is generated from the fields of :class:`irnn.config.Config`,
 so each is documented in exactly one place. Bad input of any kind ends in one
-line on stderr and exit status 2.
+line on stderr and exit status 2. ``irnn sweep``, ``reproduce`` and ``plot`` live in
+:mod:`irnn.cli.experiments`; what both halves share, in :mod:`irnn.cli.options`.
 """
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import shlex
 import signal
 import sys
-from dataclasses import MISSING, fields
 from typing import Any, Sequence
 
-from .config import PRESETS, Config, ConfigError, field_types, from_dict, load_file
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-# Fields that may change when a run is resumed: they do not alter its trajectory.
-RESUMABLE_OVERRIDES = {"quiet", "device", "threads", "steps", "epochs", "track"}
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors in one line (and exits 2) instead of a usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_config_options(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
-    """One option per Config field; unset options stay absent so that presets and files apply."""
-    types = field_types()
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(Config):
-        if f.name in exclude:
-            continue
-        doc = f.metadata.get("doc", "")
-        hidden = f.metadata.get("hidden", False)
-        default = f.default if f.default is not MISSING else None
-        group_name = ("task" if f.name in _TASK_FIELDS else "model" if f.name in _MODEL_FIELDS
-                      else "optimisation" if f.name in _OPT_FIELDS else "robustness" if f.name in _ROBUST_FIELDS
-                      else "run")
-        group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} options"))
-        help_text = argparse.SUPPRESS if hidden else f"{doc} (default: {default})"
-        if types[f.name] is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
-        else:
-            choices = f.metadata.get("choices")
-            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
-            group.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                               help=help_text)
-
-
-_TASK_FIELDS = {"task", "variant", "seq_len", "train_size", "test_size", "stream", "data_source", "data_dir",
-                "download", "perm_seed"}
-_MODEL_FIELDS = {"model", "hidden_size", "num_layers", "init_scale", "recurrent_std", "input_std", "forget_bias",
-                 "engine"}
-_OPT_FIELDS = {"optimizer", "lr", "momentum", "clip_norm", "batch_size", "steps", "epochs", "eval_every", "log_every"}
-_ROBUST_FIELDS = {"guard", "guard_factor", "guard_window", "guard_lr_decay", "guard_retries", "ckpt_every",
-                  "keep_checkpoints"}
-CONFIG_FIELDS = [f.name for f in fields(Config)]
-
-
-def config_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The Config fields given on the command line (raw strings; from_dict converts and checks them)."""
-    return {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
-
-
-def resolve_config(args: argparse.Namespace) -> Config:
-    """Preset < config file < flags, validated."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(load_file(args.config))
-    values.update(config_values(args))
-    preset = values.pop("preset", None)
-    if preset is None and not getattr(args, "config", None):
-        preset = "quick"  # `irnn train` alone is the main job
-    return from_dict(values, preset=preset)
-
+from ..config import PRESETS, ConfigError, field_types
+from .options import (EXIT_FAILED, EXIT_USAGE, RESUMABLE_OVERRIDES, UsageError, _Parser, add_config_options,
+                      command_line, config_values, resolve_config, storage_error_line)
 
 # -- commands -----------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
@@ -105,15 +33,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in config_values(args).items()}
         if overrides:
             types = field_types()
-            from .config import _coerce
+            from ..config import _coerce
 
             overrides = {k: _coerce(k, v, types[k]) for k, v in overrides.items()}
-        from .train import train
+        from ..train import train
 
         run = train(resume=args.resume, **overrides)
     else:
         cfg = resolve_config(args)
-        from .train import train
+        from ..train import train
 
         run = train(cfg, overwrite=args.overwrite)
     _print_result(run.path, run.summary)
@@ -158,7 +86,7 @@ def _guard_text(s: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .runs import RunDir
+    from ..runs import RunDir
 
     run = RunDir.open(args.run)
     summary = run.read_summary()
@@ -204,31 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_experiment_commands(sub) -> None:
-    try:
-        from .experiments import cli as exp_cli
-    except ImportError:
-        return
-    exp_cli.add_commands(sub, add_config_options)
+    from .experiments import add_commands
 
-
-def storage_error_line(e: OSError, then: str) -> str | None:
-    """One line for a file the OS refused to write (disk full, read-only, no permission): the file,
-    the cause, and ``then``, the command that continues; None for any other error (a bug: traceback)."""
-    from .runs.store import STORAGE_ERRNOS, WriteError
-
-    if not isinstance(e, WriteError) and e.errno not in STORAGE_ERRNOS:
-        return None
-    what = "cannot write " if isinstance(e, WriteError) else ""
-    where = f"{what}{e.filename}: " if e.filename else what
-    cause = e.strerror or str(e)
-    fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EROFS: "make that filesystem writable",
-           errno.EACCES: "allow writing there", errno.EPERM: "allow writing there"}.get(e.errno, "fix this")
-    return f"irnn: {where}{cause}; {fix}, then continue with: {then}"
-
-
-def command_line(argv: Sequence[str], *, drop: Sequence[str] = ()) -> str:
-    """``irnn ARGV`` as a shell command, without the flags in ``drop``."""
-    return "irnn " + " ".join(shlex.quote(a) for a in argv if a not in drop)
+    add_commands(sub)
 
 
 def _terminate(signum, frame) -> None:

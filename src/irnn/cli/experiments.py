@@ -1,4 +1,5 @@
-"""``irnn sweep``, ``irnn reproduce`` and ``irnn plot``: parse, then call the experiments API."""
+"""``irnn sweep``, ``irnn reproduce`` and ``irnn plot``: parse, then call the experiments API (the CLI room
+looks down at :mod:`irnn.experiments`; nothing there imports the CLI)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ConfigError
-from .sweep import ENV_KEYS
+from ..config import ENV_KEYS, ConfigError
+from .options import EXIT_FAILED, add_config_options, command_line, config_values, storage_error_line
 
 
 def _backend_options(p: argparse.ArgumentParser) -> None:
@@ -47,8 +48,6 @@ def _interruptible(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
         try:
             return fn(args)
         except OSError as e:
-            from ..cli import EXIT_FAILED, command_line, storage_error_line
-
             # The same command resumes a sweep or study (without --overwrite, which would delete its progress).
             line = storage_error_line(e, command_line(getattr(args, "argv", sys.argv[1:]), drop=("--overwrite",)))
             if line is None:
@@ -65,8 +64,7 @@ def _interruptible(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import create, load_spec, parse_grid_args, parse_spec, run_sweep
-    from ..cli import config_values
+    from ..experiments.sweep import create, load_spec, parse_grid_args, parse_spec, run_sweep
 
     _check_backend(args)
     workers = _workers(args) or 1
@@ -101,7 +99,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _unfinished(sweep) -> tuple[int, int]:
     """(members not completed or diverged, members), from the run folders' summaries."""
-    from .sweep import FINISHED
+    from ..experiments.sweep import FINISHED
 
     index = sweep.refresh_from_runs()
     return sum(entry.get("state") not in FINISHED for entry in index.values()), len(index)
@@ -136,11 +134,10 @@ def _int(text: str | None, what: str) -> int | None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from ..experiments.reproduce import reproduce
 
     _check_backend(args)
     workers = _workers(args)
-    from ..cli import config_values
 
     env = {k: v for k, v in config_values(args).items() if k in ENV_KEYS}
     t0 = time.perf_counter()
@@ -155,7 +152,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                        else f"irnn reproduce {args.task} --budget {args.budget}")
     _print_verdicts(report)
     print(f"\nreport: {report}  ({time.perf_counter() - t0:.0f} s)")
-    from .sweep import open_sweep
+    from ..experiments.sweep import open_sweep
 
     unfinished, total = _unfinished(open_sweep(report.parent))
     if unfinished:
@@ -184,10 +181,10 @@ def _print_verdicts(report: Path) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .aggregate import collect, group_settings, load_run
-    from .reproduce import make_figures, write_report
-    from .sweep import is_sweep, open_sweep
-    from . import figures
+    from ..results import collect, load_run
+    from ..results.figures import run_figures
+    from ..experiments.reproduce import make_figures, write_report
+    from ..experiments.sweep import is_sweep, open_sweep
 
     path = Path(args.target)
     if not path.exists():
@@ -208,9 +205,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         m = load_run(path)
         if not m.evals and not m.train_loss:
             raise ConfigError(f"run {str(path)!r} has no metrics yet; nothing to plot")
-        if m.evals:
-            written += figures.loss_per_epoch(group_settings([m]), out)[:1]
-        written += figures.overfit_check(m, out)[:1]
+        written = [p for p in run_figures(m, out) if p.suffix == ".png"]
     else:
         raise ConfigError(f"{str(path)!r} is neither a run folder (config.json) nor a sweep folder (sweep.json)")
     for p in written:
@@ -218,7 +213,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any, add_config_options: Callable[..., None]) -> None:
+def add_commands(sub: Any) -> None:
     """Register ``sweep``, ``reproduce`` and ``plot`` on the ``irnn`` parser."""
     from dataclasses import fields
 

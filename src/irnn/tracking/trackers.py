@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
-from .store import model_label
+from ..runs.store import model_label
 
 INSTALL_HINT = {
     "wandb": '--track wandb needs the wandb package: pip install "irnn[wandb]"',
@@ -173,7 +173,7 @@ def make_trackers(cfg: Config, run_path: Path, name: str, group: str | None = No
 
 
 def finish_trackers(trackers: list[Tracker], run_path: Path, summary: dict[str, Any]) -> None:
-    """Log the run's figures (when ``irnn.experiments.figures`` can draw them), then close every tracker."""
+    """Log the run's figures (drawn by ``irnn.results.figures``), then close every tracker."""
     if not trackers:
         return
     step = int(summary.get("steps") or 0)
@@ -187,25 +187,14 @@ def finish_trackers(trackers: list[Tracker], run_path: Path, summary: dict[str, 
 def run_figures(run_path: Path) -> list[Path]:
     """PNG figures of one finished run (those of ``irnn plot RUN``), written to ``<run>/figures/``.
 
-    Drawn by ``irnn.experiments.figures`` when that module is installed (imported
-    lazily: experiments sit above the run store). Drawing is best effort: a
-    tracker must never turn a finished run into a failed one.
+    Drawn by ``irnn.results.figures`` (imported here, at the end of a run: matplotlib costs a second
+    at start-up). Drawing is best effort: a tracker must never turn a finished run into a failed one.
     """
+    from ..results import aggregate, figures
+
     try:
-        from ..experiments import aggregate, figures
-    except ImportError:
-        return []
-    out_dir = run_path / "figures"
-    try:
-        if hasattr(figures, "plot_run"):
-            written = figures.plot_run(run_path, out_dir)
-        else:
-            member = aggregate.load_run(run_path)
-            written = []
-            if member.evals:
-                written += figures.loss_per_epoch(aggregate.group_settings([member]), out_dir)
-            if member.evals or member.train_loss:
-                written += figures.overfit_check(member, out_dir)
+        member = aggregate.load_run(run_path)
+        written = figures.run_figures(member, run_path / "figures") if member.evals or member.train_loss else []
     except Exception as e:  # noqa: BLE001 - figures are a bonus; say why and go on
         print(f"irnn: warning: could not draw the figures of {run_path}: {type(e).__name__}: {e}", file=sys.stderr)
         return []

@@ -230,3 +230,10 @@ def overfit_check(member: Member, out_dir: str | Path, *, stem: str = "fig_overf
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(out_dir), stem)
+
+
+def run_figures(member: Member, out_dir: str | Path) -> list[Path]:
+    """One run's figures (``irnn plot RUN`` and the trackers' end of run): the loss per epoch, if it has
+    evaluations, and the overfitting check; PNG and SVG each."""
+    written = loss_per_epoch([[member]], out_dir) if member.evals else []
+    return written + overfit_check(member, out_dir)
