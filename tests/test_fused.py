@@ -97,10 +97,10 @@ def test_backward_op_checks_the_gradient_shape():
         pytest.skip("the C++ extension is not in use")
     x = torch.rand(2, 4, 3)
     params = [p.detach() for p in weights(0, 5, 3, dtype=torch.float32, seed=1)]
-    out = fused._ops.forward(x, *params, True, 1, 0)
+    out = fused._EXT.ops.forward(x, *params, True, 1, 0)
     for bad in (torch.zeros(2, 3, 5), torch.zeros(4, 5), torch.zeros(2, 4, 4), torch.zeros(2, 4)):
         with pytest.raises(RuntimeError, match="grad_out must be"):
-            fused._ops.backward(bad, x, params[0], params[1], out, True, True, True, 1, 0)
+            fused._EXT.ops.backward(bad, x, params[0], params[1], out, True, True, True, 1, 0)
     with pytest.raises(ValueError, match="at least one time step"):
         fused.rnn_layer(torch.rand(2, 0, 3), *params, last_only=True)
 
@@ -294,7 +294,7 @@ def test_stacked_member_equals_the_model_alone_bitwise():
 def test_every_instruction_set_agrees(isa, monkeypatch):
     if NO_EXTENSION:
         pytest.skip("IRNN_NO_EXTENSION is set")
-    if fused.ISA[isa] > fused._ops.best_isa():
+    if fused.ISA[isa] > fused._EXT.ops.best_isa():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("IRNN_FUSED_ISA", isa)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
@@ -318,7 +318,7 @@ def test_in_loop_recurrent_weight_grad_equals_the_gemm(threads, n_models, hidden
     # threads or not, on every instruction set (each pads rows to its own vector width).
     if NO_EXTENSION:
         pytest.skip("IRNN_NO_EXTENSION is set")
-    if isa != "auto" and fused.ISA[isa] > fused._ops.best_isa():
+    if isa != "auto" and fused.ISA[isa] > fused._EXT.ops.best_isa():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("IRNN_FUSED_ISA", isa)
     torch.set_num_threads(threads)
@@ -480,8 +480,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def broken_load(*args, **kwargs):
         raise RuntimeError("Error building extension 'irnn_fused_rnn'\nfused_rnn.cpp:1:1: error: no compiler")
 
-    monkeypatch.setattr(fused, "_ops", None)
-    monkeypatch.setattr(fused, "_build_failed", False)
+    monkeypatch.setattr(fused._EXT, "ops", None)
+    monkeypatch.setattr(fused._EXT, "failed", False)
     monkeypatch.setattr(cpp_extension, "load", broken_load)
     monkeypatch.delenv("IRNN_NO_EXTENSION", raising=False)
     with warnings.catch_warnings(record=True) as caught:

@@ -41,6 +41,26 @@ def load_ops(prefix: str, source: Path, namespace: str, what: str):
         return None
 
 
+class Extension:
+    """One C++ engine: built on first use and loaded once (``ops``: its ``torch.ops`` namespace), or None
+    after a failed build, which warns once and leaves the pure-PyTorch path."""
+
+    def __init__(self, prefix: str, source: Path, namespace: str, what: str):
+        self.prefix, self.source, self.namespace, self.what = prefix, source, namespace, what
+        self.ops = None
+        self.failed = False
+
+    def load(self):
+        if self.ops is None and not self.failed:
+            self.ops = load_ops(self.prefix, self.source, self.namespace, self.what)
+            self.failed = self.ops is None
+        return self.ops
+
+    def available(self) -> bool:
+        """Whether the engine can be used (builds it on the first call). False if ``IRNN_NO_EXTENSION=1``."""
+        return not extension_disabled() and self.load() is not None
+
+
 def extension_disabled() -> bool:
     """``IRNN_NO_EXTENSION=1`` turns the C++ engines off (the pure-PyTorch paths run instead)."""
     return os.environ.get("IRNN_NO_EXTENSION", "") not in ("", "0")

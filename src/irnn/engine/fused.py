@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .build import ISA, extension_disabled, isa_code, load_ops, requested_isa
+from .build import ISA, Extension, isa_code, requested_isa
 
 __all__ = ["available", "rnn_layer", "rnn_forward", "supports"]
 
@@ -45,24 +45,17 @@ _SOURCE = Path(__file__).with_name("csrc") / "fused_rnn.cpp"
 _IMPLS = ("auto", "cpp", "python")
 _NONLINEARITIES = ("relu", "tanh")
 
-_ops = None          # torch.ops.irnn_fused once loaded
-_build_failed = False
+_EXT = Extension("irnn_fused_rnn", _SOURCE, "irnn_fused", "RNN")
 
 
 def _load():
-    """The compiled ops, building them on first use; None if the build failed (warned once)."""
-    global _ops, _build_failed
-    if _ops is None and not _build_failed:
-        _ops = load_ops("irnn_fused_rnn", _SOURCE, "irnn_fused", "RNN")
-        _build_failed = _ops is None
-    return _ops
+    """The compiled ops (torch.ops.irnn_fused), building them on first use; None if the build failed (warned once)."""
+    return _EXT.load()
 
 
 def available() -> bool:
     """Whether the C++ engine can be used (builds it on the first call). False if ``IRNN_NO_EXTENSION=1``."""
-    if extension_disabled():
-        return False
-    return _load() is not None
+    return _EXT.available()
 
 
 _isa = isa_code
@@ -123,7 +116,7 @@ class _CppRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, relu: bool, last_only: bool = False):
         ctx.groups = _groups(x, w_hh)
-        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, ctx.groups, _isa())
+        out = _EXT.ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, ctx.groups, _isa())
         ctx.save_for_backward(x, w_ih, w_hh, out)
         ctx.relu = relu
         return out.select(-2, -1).clone() if last_only else out
@@ -133,7 +126,7 @@ class _CppRNN(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w_ih, w_hh, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw_ih, dw_hh, db = _ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], ctx.groups,
+        dx, dw_ih, dw_hh, db = _EXT.ops.backward(grad_out, x, w_ih, w_hh, out, ctx.relu, need[0], need[1], ctx.groups,
                                              _isa(), _gemm_dw())
         return (dx if need[0] else None, dw_ih if need[1] else None, dw_hh if need[2] else None,
                 db if need[3] else None, db.clone() if need[4] else None, None, None)
@@ -244,7 +237,7 @@ def rnn_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: tor
     if impl != "python" and available():
         if needs_grad:
             return _CppRNN.apply(x, w_ih, w_hh, b_ih, b_hh, relu, last_only)
-        out = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _groups(x, w_hh), _isa())  # forward only: nothing saved
+        out = _EXT.ops.forward(x, w_ih, w_hh, b_ih, b_hh, relu, _groups(x, w_hh), _isa())  # forward only: nothing saved
         return out.select(-2, -1) if last_only else out
     if impl == "cpp":
         raise RuntimeError("impl='cpp' but the fused C++ engine is unavailable "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .build import extension_disabled, isa_code, load_ops
+from .build import Extension, isa_code
 
 __all__ = ["available", "gates_layer", "gates_forward", "supports"]
 
@@ -35,24 +35,17 @@ _IMPLS = ("auto", "cpp", "python")
 _MODES = ("lstm", "gru")
 _GATES = {"lstm": 4, "gru": 3}
 
-_ops = None  # torch.ops.irnn_gates once loaded
-_build_failed = False
+_EXT = Extension("irnn_fused_gates", _SOURCE, "irnn_gates", "LSTM/GRU")
 
 
 def _load():
-    """The compiled ops, building them on first use; None if the build failed (warned once)."""
-    global _ops, _build_failed
-    if _ops is None and not _build_failed:
-        _ops = load_ops("irnn_fused_gates", _SOURCE, "irnn_gates", "LSTM/GRU")
-        _build_failed = _ops is None
-    return _ops
+    """The compiled ops (torch.ops.irnn_gates), building them on first use; None if the build failed (warned once)."""
+    return _EXT.load()
 
 
 def available() -> bool:
     """Whether the C++ engine can be used (builds it on the first call). False if ``IRNN_NO_EXTENSION=1``."""
-    if extension_disabled():
-        return False
-    return _load() is not None
+    return _EXT.available()
 
 
 _isa = isa_code
@@ -63,7 +56,7 @@ _isa = isa_code
 class _CppGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, gru: bool, last_only: bool = False):
-        out, act, state = _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, True, last_only, _isa())
+        out, act, state = _EXT.ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, True, last_only, _isa())
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, act, state)
         ctx.gru = gru
         return out
@@ -73,7 +66,7 @@ class _CppGates(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w_ih, w_hh, b_ih, b_hh, act, state = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw_ih, dw_hh, db_ih, db_hh = _ops.backward(grad_out, x, w_ih, w_hh, b_ih, b_hh, act, state, ctx.gru,
+        dx, dw_ih, dw_hh, db_ih, db_hh = _EXT.ops.backward(grad_out, x, w_ih, w_hh, b_ih, b_hh, act, state, ctx.gru,
                                                        need[0], _isa())
         return (dx if need[0] else None, dw_ih if need[1] else None, dw_hh if need[2] else None,
                 db_ih if need[3] else None, db_hh if need[4] else None, None, None)
@@ -220,7 +213,7 @@ def gates_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: t
     if impl != "python" and available():
         if needs_grad:
             return _CppGates.apply(x, w_ih, w_hh, b_ih, b_hh, gru, last_only)
-        return _ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, False, last_only, _isa())[0]  # nothing saved
+        return _EXT.ops.forward(x, w_ih, w_hh, b_ih, b_hh, gru, False, last_only, _isa())[0]  # nothing saved
     if impl == "cpp":
         raise RuntimeError("impl='cpp' but the fused C++ LSTM/GRU engine is unavailable "
                            "(IRNN_NO_EXTENSION is set or the build failed); use impl='auto' or 'python'")
