@@ -10,3 +10,15 @@ def _subnormal_floats():
     torch.set_flush_denormal(False)
     yield
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _built_engines():
+    """Build both C++ engines once, in this process, before any test: a cold build takes minutes on a
+    slow 2-core CPU, and a test that starts a subprocess (a benchmark script, the CLI) would otherwise
+    spend its own timeout compiling. The subprocesses then load the cached build."""
+    from irnn.engine import fused, fused_gates
+
+    fused._EXT.available()
+    fused_gates._EXT.available()
+    yield
