@@ -1,6 +1,6 @@
 """The rooms of the package import only downward (ARCHITECTURE): the CLI looks at the experiments, the
 experiments at training, training at the trackers, the results, the run store and the engines, and those at
-the models, the tasks and the config. Read from the source (every import, also those inside functions),
+the models, the tasks and the config, and the config at the registry of models and tasks. Read from the source (every import, also those inside functions),
 so a new upward import fails here instead of surfacing as an import cycle later."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "irnn"
 # Each room with the rooms below it that it may import; a room may always import itself.
-LAYERS = [("config",), ("tasks", "models"), ("engine",), ("runs",), ("results",), ("tracking",), ("train",),
+LAYERS = [("registry",), ("config",), ("tasks", "models"), ("engine",), ("runs",), ("results",), ("tracking",), ("train",),
           ("experiments",), ("cli",)]
 LEVEL = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 # Below it but still not its business: an engine runs a model on the data it is handed and never makes any.

@@ -12,11 +12,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .config import PRESETS, Config, ConfigError, from_dict
+from .registry import ModelSpec, Option, TaskSpec, register_model, register_task
 
 _LAZY = {"RecurrentModel": ".models", "build_model": ".models", "Task": ".tasks", "make_task": ".tasks",
          "make_adding": ".tasks", "generate_adding": ".tasks", "Run": ".train", "train": ".train"}
 
-__all__ = ["Config", "ConfigError", "PRESETS", "from_dict", "RecurrentModel", "build_model", "Task",
+__all__ = ["Config", "ConfigError", "PRESETS", "from_dict", "ModelSpec", "TaskSpec", "Option", "register_model",
+           "register_task", "RecurrentModel", "build_model", "Task",
            "make_task", "make_adding", "generate_adding", "Run", "train", "__version__"]
 
 

@@ -11,14 +11,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_type_hints
 
+from . import registry
+
 
 class ConfigError(ValueError):
     """Bad user input: reported as one line and exit status 2, never a traceback."""
 
 
-TASKS = ("adding", "mnist", "pmnist")
 VARIANTS = ("anywhere", "halves", "hochreiter")
-MODELS = ("irnn", "rnn-relu", "rnn-tanh", "lstm", "gru")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 ENGINES = ("auto", "torch", "fused", "cuda-graph")
 TRACKERS = ("wandb", "tensorboard")
@@ -35,7 +35,7 @@ class Config:
     """Everything that defines one training run."""
 
     # --- task -------------------------------------------------------------
-    task: str = _f("adding", "benchmark: adding, mnist (pixel by pixel) or pmnist (permuted pixels)", choices=TASKS)
+    task: str = _f("adding", "benchmark: adding, copy (copy memory), mnist (pixel by pixel), pmnist (permuted pixels), or a registered one", registry="task")
     variant: str = _f("anywhere", "adding-problem marker placement: anywhere (Le et al.), halves (Arjovsky et al.), hochreiter (1997)", choices=VARIANTS)
     seq_len: int = _f(150, "adding-problem sequence length T (>= 2); MNIST sets its own (784 or 64)")
     train_size: int = _f(100_000, "training-set size; the paper uses 100,000 adding sequences")
@@ -46,7 +46,7 @@ class Config:
     download: bool = _f(False, "download the MNIST IDX files into --data-dir when missing (checksummed)")
     perm_seed: int = _f(0, "seed of the fixed pixel permutation of pmnist (stored with the run)")
     # --- model ------------------------------------------------------------
-    model: str = _f("irnn", "irnn, rnn-relu (Gaussian init), rnn-tanh, lstm or gru", choices=MODELS)
+    model: str = _f("irnn", "irnn, rnn-relu (Gaussian init), rnn-tanh, lstm, gru, or a successor: np-rnn, rnn-orth, exprnn, indrnn, chrono-lstm (irnn.registry)", registry="model")
     hidden_size: int = _f(100, "hidden units per layer")
     num_layers: int = _f(1, "stacked recurrent layers")
     init_scale: float = _f(1.0, "IRNN recurrent matrix starts as init_scale * I (paper 1.0; prototype 0.01)")
@@ -85,6 +85,9 @@ class Config:
     preset: Optional[str] = _f(None, "named overrides applied before your flags: quick, paper, seed")
     inject_lr_spike: str = _f("", "testing only: 'START:END:FACTOR' multiplies the lr by FACTOR for steps [START, END), again after each rollback (on top of the guard's lowered lr)", hidden=True)
     inject_spike: str = _f("", "testing only: 'BATCH:FACTOR' multiplies the inputs of training batch number BATCH (step + skipped batches) by FACTOR", hidden=True)
+    # the options a registered model or task adds (irnn.registry), by name; given flat (--chrono-tmax 400,
+    # chrono_tmax = 400 in a file) and filled with the defaults of this run's model and task
+    options: dict = field(default_factory=dict, metadata={"doc": "options of the run's model and task (irnn.registry)", "hidden": True})
 
     # ---------------------------------------------------------------------
     def total_steps(self, train_set_size: int | None = None) -> int:
@@ -95,16 +98,23 @@ class Config:
 
     def sequence_length(self) -> int:
         """The steps of this config's sequences, without loading any data: ``seq_len`` for the adding
-        problem, one per pixel for MNIST (8 x 8 for the digits source, else 28 x 28)."""
-        if self.task == "adding":
-            return self.seq_len
-        return 8 * 8 if self.data_source == "digits" else 28 * 28
+        problem, one per pixel for MNIST (8 x 8 for the digits source, else 28 x 28), T + 20 for copy."""
+        length = registry.task_spec(self.task).sequence_length
+        return length(self) if length is not None else self.seq_len
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **overrides: Any) -> "Config":
-        return from_dict({**self.to_dict(), **overrides})
+        values = {**self.to_dict(), **overrides}
+        if "options" not in overrides and ("model" in overrides or "task" in overrides):
+            try:  # keep the options the new model and task still take
+                own = {o.name for s in (registry.model_spec(values["model"]), registry.task_spec(values["task"]))
+                       for o in s.options}
+            except registry.RegistryError:
+                own = set(self.options)  # validate names the unknown model or task
+            values["options"] = {k: v for k, v in self.options.items() if k in own}
+        return from_dict(values)
 
 
 # Named overrides. `quick` is the main job: it must visibly solve a short adding
@@ -116,7 +126,9 @@ ENV_KEYS = ("quiet", "device", "threads", "track", "engine")
 
 def setting_key(cfg: dict[str, Any]) -> str:
     """What identifies a run's setting: its config without the seed and the environment keys."""
-    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("seed",) + ENV_KEYS}, sort_keys=True)
+    # no options is no key: a run stored before the registry has none
+    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("seed",) + ENV_KEYS
+                       and not (k == "options" and not v)}, sort_keys=True)
 
 
 def solved_threshold(primary_metric: str) -> float:
@@ -146,12 +158,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+registry.RESERVED.update(f.name for f in fields(Config))
+
+
 def field_types() -> dict[str, Any]:
     return get_type_hints(Config)
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     """Check (and for strings from the command line, convert) one value."""
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of option names and values, got {value!r}")
+        return dict(value)
     optional = typ in (Optional[int], Optional[str], Optional[float])
     base = {Optional[int]: int, Optional[str]: str, Optional[float]: float}.get(typ, typ)
     if value is None:
@@ -204,11 +223,12 @@ def from_dict(values: dict[str, Any], *, preset: Optional[str] = None) -> Config
         raise ConfigError(f"a config must be a table of keys and values, got {type(values).__name__}")
     types = field_types()
     names = [f.name for f in fields(Config)]
-    unknown = sorted((k for k in values if k not in names), key=repr)  # keys from YAML may be any type
+    options = registry.all_options()
+    unknown = sorted((k for k in values if k not in names and k not in options), key=repr)  # YAML keys: any type
     if unknown:
         import difflib
 
-        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        close = difflib.get_close_matches(str(unknown[0]), names + list(options), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
         raise ConfigError(f"unknown config key {unknown[0]!r}; {hint}")
     preset = values.get("preset", preset) if values.get("preset") is not None else preset
@@ -217,12 +237,38 @@ def from_dict(values: dict[str, Any], *, preset: Optional[str] = None) -> Config
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         merged.update(PRESETS[preset])
-    merged.update({k: v for k, v in values.items() if k != "preset"})
+    flat = {k: v for k, v in merged.items() if k in options}  # a preset may set options too
+    merged = {k: v for k, v in merged.items() if k not in options}
+    given = {k: v for k, v in values.items() if k != "preset"}
+    flat.update({k: v for k, v in given.items() if k in options})
+    merged.update({k: v for k, v in given.items() if k not in options})
+    if flat:
+        if not isinstance(merged.get("options", {}), dict):
+            raise ConfigError(f"options must be a table of option names and values, got {merged['options']!r}")
+        merged["options"] = {**merged.get("options", {}), **flat}
     merged["preset"] = preset
     kwargs = {k: _coerce(k, v, types[k]) for k, v in merged.items()}
     cfg = Config(**kwargs)
     validate(cfg)
     return cfg
+
+
+def _check_options(cfg: Config, model: registry.ModelSpec, task: registry.TaskSpec) -> None:
+    """``cfg.options``: the run's model's and task's options, each checked, the missing ones at their
+    defaults; an option of another model or task is an error (it would change nothing)."""
+    own = {o.name: o for o in (*model.options, *task.options)}
+    known = registry.all_options()
+    for name in cfg.options:
+        if name not in own:
+            if name in known:
+                kind, owner, _ = known[name]
+                raise ConfigError(f"{name} is an option of the {kind} {owner}, not of this run's "
+                                  f"{'model ' + cfg.model if kind == 'model' else 'task ' + cfg.task}")
+            raise ConfigError(f"unknown option {name!r}; {cfg.model} and {cfg.task} take: {', '.join(own) or 'none'}")
+    try:
+        cfg.options = {name: o.check(cfg.options.get(name, o.default)) for name, o in own.items()}
+    except registry.RegistryError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _positive(cfg: Config, *names: str) -> None:
@@ -234,6 +280,11 @@ def _positive(cfg: Config, *names: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """The one place that says which values are allowed."""
+    try:
+        model, task = registry.model_spec(cfg.model), registry.task_spec(cfg.task)
+    except registry.RegistryError as e:
+        raise ConfigError(str(e)) from None
+    _check_options(cfg, model, task)
     for f in fields(Config):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:

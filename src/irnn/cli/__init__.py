@@ -15,6 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from ..config import PRESETS, ConfigError, field_types
+from ..registry import RegistryError
 from .options import (EXIT_FAILED, EXIT_USAGE, RESUMABLE_OVERRIDES, UsageError, _Parser, add_config_options,
                       command_line, config_values, resolve_config, storage_error_line)
 
@@ -144,7 +145,11 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # lists the registered models: imports IRNN_PLUGINS, which may fail
+    except RegistryError as e:
+        print(f"irnn: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
@@ -157,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         args.argv = argv  # to say how to continue after an error
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, RegistryError) as e:
         print(f"{e}" if str(e).startswith(("irnn:", "irnn ")) else f"irnn: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:

@@ -12,6 +12,7 @@ import shlex
 from dataclasses import MISSING, fields
 from typing import Any, Sequence
 
+from .. import registry
 from ..config import Config, field_types, from_dict, load_file
 
 EXIT_USAGE = 2
@@ -55,9 +56,19 @@ def add_config_options(parser: argparse.ArgumentParser, *, exclude: Sequence[str
                                default=argparse.SUPPRESS, help=help_text)
         else:
             choices = f.metadata.get("choices")
+            kind = f.metadata.get("registry")  # model or task: whatever irnn.registry knows (plugins too)
+            if kind:
+                choices = registry.model_names() if kind == "model" else registry.task_names()
             metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
             group.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
                                help=help_text)
+    for name, (kind, owner, opt) in registry.all_options().items():  # what registered models and tasks add
+        if name in exclude:
+            continue
+        group = groups.setdefault(kind, parser.add_argument_group(f"{kind} options"))
+        metavar = "{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else name.upper()
+        group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=metavar,
+                           help=f"{opt.doc} (default: {opt.default}; only with {kind} {owner})")
 
 
 _TASK_FIELDS = {"task", "variant", "seq_len", "train_size", "test_size", "stream", "data_source", "data_dir",
@@ -72,7 +83,8 @@ CONFIG_FIELDS = [f.name for f in fields(Config)]
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The Config fields given on the command line (raw strings; from_dict converts and checks them)."""
-    return {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
+    options = registry.all_options()
+    return {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS or k in options}
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
