@@ -14,11 +14,11 @@ def _subnormal_floats():
 
 @pytest.fixture(scope="session", autouse=True)
 def _built_engines():
-    """Build both C++ engines once, in this process, before any test: a cold build takes minutes on a
+    """Build the C++ engines once, in this process, before any test: a cold build takes minutes on a
     slow 2-core CPU, and a test that starts a subprocess (a benchmark script, the CLI) would otherwise
     spend its own timeout compiling. The subprocesses then load the cached build."""
-    from irnn.engine import fused, fused_gates
+    from irnn.engine import fused, fused_gates, indrnn
 
-    fused._EXT.available()
-    fused_gates._EXT.available()
+    for engine in (fused, fused_gates, indrnn):
+        engine._EXT.available()
     yield

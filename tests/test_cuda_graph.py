@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from irnn.engine import cuda_graph as cg
-from irnn.models import MODEL_KINDS, RecurrentModel
+from irnn.models import CELLS, MODEL_KINDS, RecurrentModel
 from irnn.tasks.adding import generate
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,7 +37,7 @@ def model_and_opt(kind, opt, device="cpu", hidden=8, seed=0, lr=1e-2):
 
 # --- CPU: capture is refused cleanly ------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("kind", CELLS)
 @pytest.mark.parametrize("opt", cg.SUPPORTED_OPTIMIZERS)
 def test_can_capture_is_false_on_cpu(kind, opt):
     assert not cg.can_capture(torch.device("cpu"), kind, opt)
@@ -46,8 +46,9 @@ def test_can_capture_is_false_on_cpu(kind, opt):
 
 def test_can_capture_rejects_unknown_models_and_optimizers():
     assert not cg.can_capture("cuda", "transformer", "adam")
-    assert not cg.can_capture("cuda", "irnn", "lbfgs")
-    assert cg.can_capture("cuda", "irnn", "adam") == torch.cuda.is_available()
+    assert not cg.can_capture("cuda", "relu", "lbfgs")
+    assert not cg.can_capture("cuda", None, "adam")  # a model on no nn.RNN/LSTM/GRU layer (IndRNN, a plugin's)
+    assert cg.can_capture("cuda", "relu", "adam") == torch.cuda.is_available()
 
 
 def test_optimizer_names():

@@ -15,36 +15,54 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..models import RNN_KINDS, RecurrentModel
+from ..models import RecurrentModel
 from . import update
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-GATED_KINDS = ("lstm", "gru")
+RNN_CELLS = ("relu", "tanh")  # engine.fused
+GATED_CELLS = ("lstm", "gru")  # engine.fused_gates
+OWN_CELLS = ("indrnn",)  # models with their own layers whose recurrence an engine has a loop for (engine.indrnn)
 
 
-def resolve_engine(engine: str, model: RecurrentModel, device: torch.device, optimizer_name: str = "adam") -> str:
+def cell_of(model: nn.Module) -> str | None:
+    """The ``nn.RNN/LSTM/GRU`` layer a model runs (``model.cell`` of a :class:`RecurrentModel`, a
+    successor built on one included), which the fast engines can take over; None for any other model
+    (IndRNN, expRNN, a plugin's own module), which the ``torch`` engine runs as ``model(x)``."""
+    cell = getattr(model, "cell", None)
+    if cell in OWN_CELLS:
+        return cell
+    return cell if cell in RNN_CELLS + GATED_CELLS and isinstance(getattr(model, "rnn", None), nn.RNNBase) else None
+
+
+def resolve_engine(engine: str, model: nn.Module, device: torch.device, optimizer_name: str = "adam") -> str:
     """The engine that ``engine`` (possibly ``auto``) means for this model and device."""
+    cell = cell_of(model)
     if engine == "auto":
         if device.type == "cuda":
             from . import cuda_graph
 
-            return "cuda-graph" if cuda_graph.can_capture(device, model.kind, optimizer_name) else "torch"
-        if model.kind in RNN_KINDS:
+            return "cuda-graph" if cuda_graph.can_capture(device, cell, optimizer_name) else "torch"
+        if cell in RNN_CELLS:
             try:
                 from . import fused
             except ImportError:  # a broken install: the reference path still works
                 return "torch"
             return "fused" if fused.supports(model.rnn) and fused.available() else "torch"
-        if model.kind in GATED_KINDS:
+        if cell in GATED_CELLS:
             try:
                 from . import fused_gates
             except ImportError:
                 return "torch"
             return "fused" if fused_gates.supports(model.rnn) and fused_gates.available() else "torch"
+        if cell == "indrnn":
+            from . import indrnn
+
+            return "fused" if indrnn.available() else "torch"
         return "torch"
     if engine == "fused":
-        if device.type != "cpu" or (model.kind not in RNN_KINDS and model.kind not in GATED_KINDS):
-            raise ValueError(f"engine 'fused' runs RNNs, LSTMs and GRUs on the CPU, not {model.kind} on {device.type}")
+        if device.type != "cpu" or cell is None:
+            name = getattr(model, "kind", type(model).__name__)
+            raise ValueError(f"engine 'fused' runs RNNs, LSTMs and GRUs on the CPU, not {name} on {device.type}")
     if engine == "cuda-graph" and device.type != "cuda":
         raise ValueError("engine 'cuda-graph' needs a CUDA device")
     return engine
@@ -65,16 +83,23 @@ def numerics(engine: str) -> dict:
     return {"thread_count_independent": False}
 
 
-def make_forward(model: RecurrentModel, engine: str) -> Forward:
-    """``x [B, T, I] -> pred [B, out]`` for a resolved engine (``cuda-graph`` evaluates eagerly)."""
-    if engine == "fused" and model.kind in GATED_KINDS:
+def make_forward(model: nn.Module, engine: str) -> Forward:
+    """``x [B, T, I] -> pred`` for a resolved engine (``cuda-graph`` evaluates eagerly): ``[B, out]`` from
+    the last state, or ``[B, T, out]`` from every state for a ``per_step`` model (a task with a target at
+    every step). The readout is the same ``model.readout`` either way; only the states it reads differ."""
+    last_only = not getattr(model, "per_step", False)
+    if engine == "fused" and cell_of(model) == "indrnn":
+        from . import indrnn
+
+        return lambda x: model(x, recurrence=indrnn.recurrence)
+    if engine == "fused" and cell_of(model) in GATED_CELLS:
         from . import fused_gates
 
-        return lambda x: model.readout(fused_gates.gates_forward(model.rnn, x, last_only=True))
+        return lambda x: model.readout(fused_gates.gates_forward(model.rnn, x, last_only=last_only))
     if engine == "fused":
         from . import fused
 
-        return lambda x: model.readout(fused.rnn_forward(model.rnn, x, last_only=True))
+        return lambda x: model.readout(fused.rnn_forward(model.rnn, x, last_only=last_only))
     return model
 
 

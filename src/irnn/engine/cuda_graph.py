@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..models.recurrent import MODEL_KINDS, RNN_KINDS
+from ..models.recurrent import CELLS
 
 SUPPORTED_OPTIMIZERS = ("sgd", "adam", "rmsprop")
 RECURRENCES = ("cudnn", "triton")
@@ -57,10 +57,11 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return type(optimizer).__name__.lower()
 
 
-def can_capture(device: torch.device | str, model_kind: str, optimizer_name: str) -> bool:
-    """Whether a whole step of this model and optimiser can be captured on ``device``."""
+def can_capture(device: torch.device | str, cell: str | None, optimizer_name: str) -> bool:
+    """Whether a whole step of a model on this ``nn.RNN/LSTM/GRU`` cell (``engine.cell_of``) and optimiser
+    can be captured on ``device``."""
     device = torch.device(device)
-    return (device.type == "cuda" and torch.cuda.is_available() and model_kind in MODEL_KINDS
+    return (device.type == "cuda" and torch.cuda.is_available() and cell in CELLS
             and optimizer_name in SUPPORTED_OPTIMIZERS)
 
 
@@ -325,13 +326,15 @@ def make_step(model, loss_fn, optimizer: torch.optim.Optimizer, clip_norm: float
     """
     if recurrence not in RECURRENCES:
         raise ValueError(f"recurrence must be one of {RECURRENCES}, got {recurrence!r}")
-    if not can_capture(example_x.device, model.kind, optimizer_name(optimizer)):
+    from . import cell_of
+
+    if not can_capture(example_x.device, cell_of(model), optimizer_name(optimizer)):
         return None
     forward: Forward = model
     if recurrence == "triton":
         from . import triton_rnn
 
-        if model.kind not in RNN_KINDS or not triton_rnn.available():
+        if cell_of(model) not in ("relu", "tanh") or getattr(model, "per_step", False) or not triton_rnn.available():
             _warn_once(f"the Triton recurrence needs a ReLU/tanh RNN and Triton with CUDA (model {model.kind!r}, "
                        f"triton available: {triton_rnn.available()}); using eager steps")
             return None

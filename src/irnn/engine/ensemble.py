@@ -14,14 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import RNN_KINDS, RecurrentModel
+from ..models import RecurrentModel
 from . import update
 
 
 def stackable(models: list[RecurrentModel]) -> bool:
     """Whether these models can share one stacked forward pass (same kind and shapes, ReLU/tanh RNNs)."""
+    from . import RNN_CELLS, cell_of
+
     first = models[0]
-    if first.kind not in RNN_KINDS:
+    if cell_of(first) not in RNN_CELLS or any(getattr(m, "per_step", False) for m in models):
         return False
     shape = [(n, p.shape, p.dtype, p.device) for n, p in first.named_parameters()]
     return all(m.nonlinearity == first.nonlinearity and

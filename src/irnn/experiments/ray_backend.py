@@ -35,6 +35,14 @@ _TRIAL_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}  # trials keep the driver's working
 _DRIVER_ENV = {"RAY_AIR_NEW_OUTPUT": "0"}  # with verbose=0: no Tune status tables (echo prints one line per member)
 
 
+def _plugin_env() -> dict[str, str]:
+    """Models and tasks registered from outside the package, for the trials (irnn.registry)."""
+    from .. import registry
+
+    modules = registry.plugin_modules()
+    return {"IRNN_PLUGINS": ",".join(modules)} if modules else {}
+
+
 def _import_ray():
     try:
         import ray
@@ -137,7 +145,7 @@ def run_members(sweep_dir: str | os.PathLike, names: Sequence[str], *, address: 
     with _environ(env):
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="warning", log_to_driver=echo,
-                                          runtime_env={"env_vars": dict(_TRIAL_ENV)})
+                                          runtime_env={"env_vars": {**_TRIAL_ENV, **_plugin_env()}})
             if address:
                 ray.init(address=address, **kwargs)
             else:

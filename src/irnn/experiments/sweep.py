@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from .. import registry
 from ..config import ENV_KEYS, Config, ConfigError, from_dict, load_file, setting_key
 from ..runs.store import RunDir, WriteError, atomic_write_json, model_label, read_json, writable_dir
 
@@ -76,7 +77,7 @@ def check_name(name: Any, what: str = "sweep name") -> str:
 
 
 def _check_key(key: Any, where: str) -> str:
-    if not isinstance(key, str) or key not in _FIELD_NAMES:
+    if not isinstance(key, str) or (key not in _FIELD_NAMES and key not in registry.all_options()) or key == "options":
         raise ConfigError(f"{where}: unknown config key {key!r}; known keys: {', '.join(_FIELD_NAMES)}")
     if key in RESERVED_KEYS:
         raise ConfigError(f"{where}: {key!r} is set by the sweep for each member; give the sweep's "
@@ -111,6 +112,8 @@ def parse_spec(data: Any, *, source: str = "sweep", name: Optional[str] = None) 
         base = {}
     if not isinstance(base, dict):
         raise ConfigError(f"{source}: base must be a table of config keys, got {type(base).__name__}")
+    if isinstance(base.get("options"), dict):  # a Config's to_dict(): its model's options become keys
+        base = {**{k: v for k, v in base.items() if k != "options"}, **base["options"]}
     for k, v in base.items():
         _check_scalar(v, f"{source}: base.{_check_key(k, f'{source}: base')}")
     grid = data.get("grid", {})
@@ -594,16 +597,15 @@ def run_member(sweep_dir: str | os.PathLike, name: str, *, progress: bool = Fals
     return summary or {"name": name, "status": entry.get("state")}
 
 
-# A step's cost against the ReLU RNN's on the fused CPU engines (T = 150-400, batch 32, 1 thread,
-# measured 2026-12-02): tanh about 2.6x (no units drop out), LSTM about 8.5x (four dense gates), GRU ~6x.
-_STEP_COST = {"rnn-tanh": 2.6, "lstm": 8.5, "gru": 6.0}
+# A step's cost against the ReLU RNN's is each model's registry entry's step_cost (measured on the fused
+# CPU engines, T = 150-400, batch 32, 1 thread, 2026-12-02: tanh about 2.6x, LSTM about 8.5x, GRU ~6x).
 _GENERIC_COST = 2.2  # the baseline kernels (isa=generic) against AVX-512 (IRNN, T=150-400, Intel Xeon)
 
 
 def _cost(cfg: Config) -> float:
-    """A rough relative cost of a member: steps x length x the model's step cost (``_STEP_COST``)."""
+    """A rough relative cost of a member: steps x length x the model's step cost (its registry entry's)."""
     isa = _GENERIC_COST if cfg.isa == "generic" else 1.0
-    return cfg.total_steps() * cfg.sequence_length() * _STEP_COST.get(cfg.model, 1.0) * isa
+    return cfg.total_steps() * cfg.sequence_length() * registry.step_cost(cfg.model) * isa
 
 
 def work_loop(sweep: Sweep, names: Optional[list[str]] = None, *, progress: bool = False,
@@ -700,10 +702,13 @@ def _worker_main(sweep_dir: str, names: Optional[list[str]], env: dict[str, Any]
 def _spawn_workers(sweep: Sweep, names: Optional[list[str]], count: int, echo: bool) -> list[subprocess.Popen]:
     code = ("import json, sys; from irnn.experiments.sweep import _worker_main; "
             "_worker_main(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == '1')")
+    # a model or task registered from outside the package (a notebook's module, an IRNN_PLUGINS file)
+    # must exist in the workers too
+    env = {**os.environ, "IRNN_PLUGINS": ",".join(registry.plugin_modules())}
     procs = []
     for _ in range(count):
         procs.append(subprocess.Popen([sys.executable, "-c", code, str(sweep.path), json.dumps(names),
-                                       json.dumps(sweep.env), "1" if echo else "0"]))
+                                       json.dumps(sweep.env), "1" if echo else "0"], env=env))
     return procs
 
 

@@ -14,11 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from collections.abc import Mapping
+
+from .. import registry
 from ..config import ENV_KEYS, ConfigError, from_dict, setting_key, solved_threshold
 from ..runs.store import atomic_write_bytes, iter_metrics, read_json
 
-MODEL_NAMES = {"irnn": "IRNN", "lstm": "LSTM", "rnn-relu": "RNN + ReLU (Gaussian init)", "rnn-tanh": "RNN + tanh",
-               "gru": "GRU"}
+
+class _ModelNames(Mapping):
+    """A model's name in tables and legends, from the registry (an unregistered name stays as it is)."""
+
+    def __getitem__(self, name: str) -> str:
+        return registry.model_label(name)
+
+    def __iter__(self):
+        return iter(registry.model_names())
+
+    def __len__(self) -> int:
+        return len(registry.model_names())
+
+
+MODEL_NAMES = _ModelNames()
 
 
 def _num(v: Any) -> Optional[float]:
@@ -50,7 +66,8 @@ class Member:
         if self.summary.get("seq_len"):
             return int(self.summary["seq_len"])
         try:  # not started yet: what the config will run (784 for pixel MNIST, not its unused seq_len)
-            return from_dict(self.config).sequence_length()
+            cfg = from_dict(self.config)
+            return cfg.seq_len if registry.task_spec(cfg.task).by_length else cfg.sequence_length()
         except ConfigError:
             return int(self.config.get("seq_len", 0))
 
@@ -68,8 +85,14 @@ class Member:
 
     @property
     def label(self) -> str:
-        return self.summary.get("label") or (f"{self.model}-{self.seq_len}" if self.config.get("task", "adding") == "adding"
-                                             else f"{self.model}-{self.config.get('task')}")
+        if self.summary.get("label"):
+            return self.summary["label"]
+        try:
+            from ..runs.store import model_label
+
+            return model_label(from_dict(self.config))
+        except ConfigError:
+            return f"{self.model}-{self.config.get('task', 'adding')}"
 
     @property
     def steps_per_epoch(self) -> float:
@@ -246,30 +269,38 @@ def group_settings(members: Iterable[Member]) -> list[list[Member]]:
 
 
 def varied_keys(members: Sequence[Member]) -> list[str]:
-    """Config keys (besides seed, model and seq_len) whose value differs between members."""
+    """Config keys (besides seed, model and seq_len) whose value differs between members; a model's or
+    task's options count as keys of their own."""
+    flat = [{**{k: v for k, v in m.config.items() if k != "options"}, **(m.config.get("options") or {})}
+            for m in members]
     keys: set[str] = set()
-    for k in {k for m in members for k in m.config}:
+    for k in {k for c in flat for k in c}:
         if k in ("seed", "name", "out") + ENV_KEYS:
             continue
-        if len({json.dumps(m.config.get(k)) for m in members}) > 1:
+        if len({json.dumps(c.get(k)) for c in flat}) > 1:
             keys.add(k)
     return sorted(keys - {"model", "seq_len"})
 
 
-_MODEL_KEYS = {"irnn": ("init_scale",), "lstm": ("forget_bias",), "rnn-relu": ("recurrent_std",),
-               "rnn-tanh": ("recurrent_std",), "gru": ()}
+def _model_keys(model: Any) -> tuple[str, ...]:
+    """The config fields and options a model's tables show (its registry entry's ``hparams``)."""
+    return registry.model_spec(model).hparams if model in registry.model_names() else ()
+
+
 _SHORT = {"optimizer": "", "lr": "lr", "clip_norm": "clip", "batch_size": "batch", "init_scale": "init",
           "forget_bias": "forget bias", "recurrent_std": "W_hh std", "hidden_size": "hidden", "momentum": "momentum"}
 
 
 def hparams(cfg: dict[str, Any], extra: Iterable[str] = ()) -> dict[str, Any]:
     """The hyper-parameters worth showing for one setting: the optimiser's, the model's own, and any varied."""
-    keys = ["optimizer", "lr", "clip_norm", "batch_size", *_MODEL_KEYS.get(cfg.get("model"), ())]
+    own = _model_keys(cfg.get("model"))
+    keys = ["optimizer", "lr", "clip_norm", "batch_size", *own]
     for k in extra:
-        if k not in keys and k not in ("task",) and not (k in ("init_scale", "forget_bias", "recurrent_std")
-                                                          and k not in _MODEL_KEYS.get(cfg.get("model"), ())):
+        if k not in keys and k not in ("task", "options") and not (k in ("init_scale", "forget_bias", "recurrent_std")
+                                                                   and k not in own):
             keys.append(k)
-    return {k: cfg.get(k) for k in keys}
+    options = cfg.get("options") or {}
+    return {k: cfg.get(k, options.get(k)) for k in keys}
 
 
 def hparams_text(hp: dict[str, Any]) -> str:
@@ -419,12 +450,12 @@ def settings(members: Sequence[Member]) -> list[SettingStats]:
 
 
 def _model_order(model: str) -> int:
-    order = ["irnn", "rnn-relu", "rnn-tanh", "lstm", "gru"]
+    order = registry.model_names()  # the built-ins first, in the order the registry declares them
     return order.index(model) if model in order else len(order)
 
 
 def _task_order(task: str) -> int:
-    order = ["adding", "mnist", "pmnist"]
+    order = registry.task_names()
     return order.index(task) if task in order else len(order)
 
 

@@ -17,7 +17,16 @@ from typing import Optional, Sequence
 from ..runs.store import write_error
 from .aggregate import MODEL_NAMES, Member, SettingStats, panel_title
 
-COLORS = {"irnn": "#d62728", "lstm": "#1f77b4", "rnn-relu": "#2ca02c", "rnn-tanh": "#ff7f0e", "gru": "#9467bd"}
+class _Colors:
+    """A model's colour, from the registry (None: matplotlib's next)."""
+
+    def get(self, model: str, default=None):
+        from .. import registry
+
+        return registry.model_color(model) or default
+
+
+COLORS = _Colors()
 # The two baselines often lie on top of each other at the plateau: draw the ReLU RNN wide and the tanh RNN thin.
 WIDTHS = {"rnn-relu": 3.2, "rnn-tanh": 1.3}
 

@@ -152,8 +152,14 @@ def default_run_name(cfg: Config, task_name: str | None = None) -> str:
 
 
 def model_label(cfg: Config) -> str:
-    """``irnn-150`` for the adding problem, ``irnn-mnist`` / ``lstm-pmnist`` otherwise."""
-    return f"{cfg.model}-{cfg.seq_len}" if cfg.task == "adding" else f"{cfg.model}-{cfg.task}"
+    """``irnn-150`` for the adding problem, ``lstm-copy200`` for another task keyed by its length,
+    ``irnn-mnist`` / ``lstm-pmnist`` for one that sets its own."""
+    from .. import registry
+
+    if cfg.task == "adding":
+        return f"{cfg.model}-{cfg.seq_len}"
+    by_length = registry.task_spec(cfg.task).by_length if cfg.task in registry.task_names() else False
+    return f"{cfg.model}-{cfg.task}{cfg.seq_len}" if by_length else f"{cfg.model}-{cfg.task}"
 
 
 def writable_dir(path: str | Path, what: str) -> Path:

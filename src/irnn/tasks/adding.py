@@ -79,3 +79,9 @@ def make_adding(seq_len: int, variant: str = "anywhere", *, train_size: int = 10
                 loss_fn=F.mse_loss, metrics_fn=_metrics, primary_metric="test_mse", higher_is_better=False,
                 baseline=baseline, baseline_loss=baseline, train_x=train_x, train_y=train_y,
                 test_x=test_x, test_y=test_y, stream_fn=stream_fn, extra={"variant": variant})
+
+
+def build(cfg, device: torch.device | str = "cpu") -> Task:
+    """The adding task a config names (the registry's builder)."""
+    return make_adding(cfg.seq_len, cfg.variant, train_size=cfg.train_size, test_size=cfg.test_size,
+                       seed=cfg.seed, stream=cfg.stream, device=device)

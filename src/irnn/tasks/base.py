@@ -38,10 +38,13 @@ class Task:
     test_y: torch.Tensor
     stream_fn: Callable[[int, torch.Generator, torch.device], tuple[torch.Tensor, torch.Tensor]] | None = None
     extra: dict | None = None  # stored in the run's config.json (e.g. the pmnist permutation seed)
+    # a target at every time step: y is [B, T] (or [B, T, out]) and the model reads out every state
+    per_step: bool = False
+    solved_at: float | None = None  # where a run counts as solved (default: by the primary metric)
 
     @property
     def solved_threshold(self) -> float:
-        return solved_threshold(self.primary_metric)
+        return self.solved_at if self.solved_at is not None else solved_threshold(self.primary_metric)
 
     def to(self, device: torch.device) -> "Task":
         for k in ("train_x", "train_y", "test_x", "test_y"):

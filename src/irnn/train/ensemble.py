@@ -69,7 +69,10 @@ def ensemble_key(cfg: Config) -> tuple | None:
     on the CPU or the Triton kernel on CUDA; seeds, learning rates, clipping,
     initialisation, optimisers and budgets may differ.
     """
-    if cfg.model not in RNN_KINDS or cfg.engine not in ("auto", "fused"):
+    from .. import registry
+
+    task = registry.task_spec(cfg.task)
+    if cfg.model not in RNN_KINDS or cfg.engine not in ("auto", "fused") or task.per_step:
         return None
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -83,7 +86,7 @@ def ensemble_key(cfg: Config) -> tuple | None:
         if not fused.available():
             return None
     nonlinearity = RNN_KINDS[cfg.model]
-    return (cfg.task, cfg.seq_len if cfg.task == "adding" else cfg.data_source, nonlinearity, cfg.hidden_size,
+    return (cfg.task, cfg.seq_len if task.by_length else cfg.data_source, nonlinearity, cfg.hidden_size,
             cfg.num_layers, cfg.batch_size, cfg.threads, cfg.device, cfg.isa)
 
 

@@ -147,7 +147,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = False
         seed_everything(cfg.seed)
         self.task: Task = make_task(cfg, self.device)
-        self.model = build_model(cfg, self.task.input_size, self.task.output_size).to(self.device)
+        # per_step: a target at every time step; the model then reads out every state, and the engines
+        # and this loop need not know (a prediction is whatever shape the task's loss takes)
+        self.model = build_model(cfg, self.task.input_size, self.task.output_size,
+                                 per_step=self.task.per_step).to(self.device)
         try:
             self.engine = resolve_engine(cfg.engine, self.model, self.device, cfg.optimizer)
             if self.engine == "fused":
@@ -157,6 +160,9 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.optimizer = make_optimizer(cfg, self.model.parameters(), capturable=self.engine == "cuda-graph")
+        constrain = getattr(self.model, "constrain_", None)  # a model's own constraint (IndRNN's bound on |u|)
+        if callable(constrain):
+            self.optimizer.register_step_post_hook(lambda *_: constrain())
         self.eval_forward = make_forward(self.model, "fused" if self.engine == "fused" else "torch")
         self.state = LoopState()
         self.versions = versions()  # once: the code that runs is the code loaded now (and git is slow to ask)
