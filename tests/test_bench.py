@@ -65,3 +65,16 @@ def test_peak_memory_sees_what_a_step_allocates_and_not_what_came_before():
     _, small = bench.build_with_peak(lambda: lambda: torch.ones(1000).sum(), torch.device("cpu"))
     assert small < 8, small
     del held
+
+
+def test_bench_models_times_every_registered_model():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_models.py"), "--task", "copy", "--seq-len",
+                          "4", "--batch", "4", "--repeats", "1", "--steps", "1"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r.split("|")[1].strip(): r for r in out.stdout.splitlines() if r.startswith("| ") and "---" not in r}
+    from irnn import registry
+
+    assert {n for n in registry.model_names() if registry.model_spec(n).builtin} <= set(rows)
+    assert "fused" in rows["indrnn"] and "torch" in rows["exprnn"]
+    assert float(rows["irnn"].split("|")[4].strip().rstrip("x")) == 1.0
