@@ -243,7 +243,7 @@ def add_commands(sub: Any) -> None:
                     "seeds). mnist: Figure 3 (pixel-by-pixel and permuted MNIST, 784 steps; the same models; 3 "
                     "seeds; the paper's 97% / 82%). --budget quick is cut to fit about 20 minutes on 2 CPU cores "
                     "and says what it cut; adding --budget standard runs all four lengths with 5 seeds for the IRNN "
-                    "and the LSTM in about 2 hours on 2 CPU cores; full is the real study, meant for a GPU. "
+                    "and the LSTM with budgets aimed at 2 hours on 2 CPU cores (see the README); full is the real study, meant for a GPU. "
                     "Re-running resumes.")
     p.add_argument("task", choices=("adding", "mnist"), help="the study: adding or mnist")
     p.add_argument("--preset", choices=("seed", "paper"), default=None,
@@ -251,7 +251,7 @@ def add_commands(sub: Any) -> None:
                         "paper's grid (SGD, clip 1/10/100, lr grid, LSTM forget bias 1/4/10/20) and keep the best "
                         "(default: seed)")
     p.add_argument("--budget", choices=("quick", "standard", "full"), default="quick",
-                   help="quick (default), standard (adding only: all four lengths, about 2 hours on 2 CPU cores) or full")
+                   help="quick (default), standard (adding only: all four lengths, aimed at 2 hours on 2 CPU cores) or full")
     p.add_argument("--out", metavar="DIR", default="runs", help="root folder (default: runs)")
     p.add_argument("--name", metavar="NAME", default=None,
                    help="sweep name (default: adding-PRESET-BUDGET or mnist-BUDGET)")
