@@ -295,6 +295,8 @@ def _copy_length(cfg: Any) -> int:
     return cfg.seq_len + 2 * int(option(cfg, "copy_symbols"))
 
 
+# step_cost: a training step against the IRNN's, as irnn train runs it (benchmarks/bench_models.py, adding
+# T = 200, batch 32, 1 thread, AMD EPYC, 2026-12-04, medians of interleaved repeats in one process)
 _REC = "irnn.models.recurrent:build_recurrent"
 for _spec in (
     ModelSpec("irnn", _REC, "IRNN", "ReLU RNN, W_hh = init_scale x I (Le et al. 2015)", hparams=("init_scale",),
@@ -308,18 +310,18 @@ for _spec in (
     ModelSpec("gru", _REC, "GRU", "GRU (PyTorch's initialisation)", color="#9467bd", step_cost=6.0),
     ModelSpec("np-rnn", "irnn.models.successors:build_np_rnn", "np-RNN",
               "ReLU RNN, W_hh = (I + R'R/N) / its largest eigenvalue, R ~ N(0, 1) (Talathi & Vartak 2016)",
-              color="#8c564b"),
+              color="#8c564b", step_cost=1.6),
     ModelSpec("rnn-orth", "irnn.models.successors:build_rnn_orth", "RNN (orthogonal init)",
               "RNN with a random orthogonal W_hh (Henaff et al. 2016)", hparams=("orth_nonlinearity",),
               options=(Option("orth_nonlinearity", "relu", "rnn-orth: relu or tanh", str, ("relu", "tanh")),),
-              color="#e377c2"),
+              color="#e377c2", step_cost=1.7),
     ModelSpec("exprnn", "irnn.models.exprnn:build_exprnn", "expRNN",
               "W_hh kept orthogonal in training by geotorch, modReLU, Henaff init (Lezcano-Casado & "
-              "Martinez-Rubio 2019)", color="#7f7f7f", step_cost=6.0),
+              "Martinez-Rubio 2019)", color="#7f7f7f", step_cost=40.0),
     ModelSpec("indrnn", "irnn.models.indrnn:build_indrnn", "IndRNN",
               "h = relu(W x + u * h + b), |u| <= gamma^(1/T) (Li et al. 2018)", hparams=("indrnn_gamma",),
               options=(Option("indrnn_gamma", 2.0, "indrnn: |u| <= gamma^(1/T) over T steps (the paper's 2)",
-                              minimum=1.0),), color="#bcbd22", step_cost=1.5),
+                              minimum=1.0),), color="#bcbd22", step_cost=1.4),
     ModelSpec("chrono-lstm", "irnn.models.successors:build_chrono_lstm", "chrono-LSTM",
               "LSTM, forget bias log U[1, T_max - 1], input bias its negative (Tallec & Ollivier 2018)",
               hparams=("chrono_tmax",),
