@@ -16,7 +16,7 @@ from irnn.config import from_dict
 from irnn.engine import make_train_step, resolve_engine
 from irnn.models import build_model
 from irnn.tasks import make_task
-from irnn.train.optim import make_optimizer
+from irnn.train.optim import constrain_after_each_step, make_optimizer
 
 
 def make_step(name: str, task_name: str, seq_len: int, batch: int):
@@ -27,9 +27,7 @@ def make_step(name: str, task_name: str, seq_len: int, batch: int):
     model = build_model(cfg, task.input_size, task.output_size, per_step=task.per_step)
     engine = resolve_engine("auto", model, torch.device("cpu"), cfg.optimizer)
     opt = make_optimizer(cfg, model.parameters())
-    constrain = getattr(model, "constrain_", None)
-    if callable(constrain):
-        opt.register_step_post_hook(lambda *_: constrain())
+    constrain_after_each_step(model, opt)
     batches = [task.batch(i, batch, 0) for i in range(4)]
     step = make_train_step(model, engine, task.loss_fn, opt, cfg.clip_norm, batches[0])
     return engine, lambda i: step(*batches[i % 4])

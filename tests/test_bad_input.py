@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from irnn import registry
 from irnn.cli import main
 from irnn.config import Config, ConfigError, field_types, from_dict, load_file, validate
 
@@ -48,8 +49,13 @@ def _field_value(name: str):
         base = st.integers(min_value=1, max_value=300)
     elif "float" in str(typ):
         base = st.floats(min_value=0.001, max_value=0.99)
+    elif typ is dict:  # options: a table, of the run's model's options or not
+        base = st.dictionaries(st.sampled_from(sorted(registry.all_options())), _scalars, max_size=1)
     else:
-        choices = next(f.metadata.get("choices") for f in fields(Config) if f.name == name)
+        meta = next(f.metadata for f in fields(Config) if f.name == name)
+        choices = meta.get("choices")
+        if meta.get("registry"):  # model or task: any registered name
+            choices = registry.model_names() if meta["registry"] == "model" else registry.task_names()
         base = st.sampled_from(choices) if choices else st.text(max_size=8)
     # mostly in range (so that some configs pass), sometimes anything at all
     return st.one_of(base, base, base.map(str), _scalars)

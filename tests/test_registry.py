@@ -139,10 +139,12 @@ def test_registering_refuses_clashes():
 
 def test_tables_and_figures_name_and_colour_registered_models():
     from irnn.results.aggregate import MODEL_NAMES, hparams
-    from irnn.results.figures import COLORS
+    from irnn.results.figures import model_color
 
     assert MODEL_NAMES["toy-leaky"] == "Leaky toy RNN" and MODEL_NAMES["np-rnn"] == "np-RNN"
     assert MODEL_NAMES.get("gone", "gone") == "gone"  # a run of a model no longer registered
-    assert COLORS.get("toy-leaky") == "#000000" and COLORS.get("unknown", "0.2") == "0.2"
+    assert model_color("toy-leaky") == "#000000" and model_color("unknown", "0.2") == "0.2"
     cfg = from_dict(dict(model="toy-leaky", toy_leak=0.1)).to_dict()
     assert hparams(cfg)["toy_leak"] == 0.1
+    # a sweep that varies another model's option does not show it on this one's row
+    assert "toy_leak" not in hparams(from_dict(dict(model="irnn")).to_dict(), extra=["toy_leak", "lr"])

@@ -156,3 +156,26 @@ def test_per_step_readout_is_the_same_on_the_fused_and_torch_engines(name):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip([p.grad for p in m.parameters()], g_ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_indrnn_fused_loop_is_bitwise_the_same_for_any_thread_count():
+    from irnn.engine import indrnn
+
+    if not indrnn.available():
+        pytest.skip("the C++ engine did not build here")
+    g = torch.Generator().manual_seed(7)
+    pre = torch.randn(9, 40, 33, generator=g).requires_grad_()
+    u = torch.rand(33, generator=g).requires_grad_()
+    grad = torch.randn(9, 40, 33, generator=g)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = indrnn.recurrence(pre, u)
+            dpre, du = torch.autograd.grad(out, (pre, u), grad)
+            results.append((out, dpre, du))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

@@ -98,7 +98,7 @@ class Config:
 
     def sequence_length(self) -> int:
         """The steps of this config's sequences, without loading any data: ``seq_len`` for the adding
-        problem, one per pixel for MNIST (8 x 8 for the digits source, else 28 x 28), T + 20 for copy."""
+        problem, one per pixel for MNIST (8 x 8 for the digits source, else 28 x 28), T + 2K for copy (its task entry's rule)."""
         length = registry.task_spec(self.task).sequence_length
         return length(self) if length is not None else self.seq_len
 
@@ -237,15 +237,13 @@ def from_dict(values: dict[str, Any], *, preset: Optional[str] = None) -> Config
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         merged.update(PRESETS[preset])
-    flat = {k: v for k, v in merged.items() if k in options}  # a preset may set options too
-    merged = {k: v for k, v in merged.items() if k not in options}
-    given = {k: v for k, v in values.items() if k != "preset"}
-    flat.update({k: v for k, v in given.items() if k in options})
-    merged.update({k: v for k, v in given.items() if k not in options})
+    merged.update({k: v for k, v in values.items() if k != "preset"})
+    flat = {k: merged.pop(k) for k in list(merged) if k in options}  # options given flat (preset, file, flags)
     if flat:
-        if not isinstance(merged.get("options", {}), dict):
-            raise ConfigError(f"options must be a table of option names and values, got {merged['options']!r}")
-        merged["options"] = {**merged.get("options", {}), **flat}
+        table = merged.get("options", {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"options must be a table of option names and values, got {table!r}")
+        merged["options"] = {**table, **flat}
     merged["preset"] = preset
     kwargs = {k: _coerce(k, v, types[k]) for k, v in merged.items()}
     cfg = Config(**kwargs)

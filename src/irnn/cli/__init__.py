@@ -146,16 +146,13 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        parser = build_parser()  # lists the registered models: imports IRNN_PLUGINS, which may fail
-    except RegistryError as e:
-        print(f"irnn: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
         previous = None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        # the parser lists the registered models: it imports IRNN_PLUGINS, which may fail (RegistryError)
+        parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
             parser.print_help()

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..models import RecurrentModel
+from ..models import CELLS
 from . import update
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -29,9 +29,8 @@ def cell_of(model: nn.Module) -> str | None:
     successor built on one included), which the fast engines can take over; None for any other model
     (IndRNN, expRNN, a plugin's own module), which the ``torch`` engine runs as ``model(x)``."""
     cell = getattr(model, "cell", None)
-    if cell in OWN_CELLS:
-        return cell
-    return cell if cell in RNN_CELLS + GATED_CELLS and isinstance(getattr(model, "rnn", None), nn.RNNBase) else None
+    on_layer = cell in CELLS and isinstance(getattr(model, "rnn", None), nn.RNNBase)
+    return cell if on_layer or cell in OWN_CELLS else None
 
 
 def resolve_engine(engine: str, model: nn.Module, device: torch.device, optimizer_name: str = "adam") -> str:
@@ -62,7 +61,7 @@ def resolve_engine(engine: str, model: nn.Module, device: torch.device, optimize
     if engine == "fused":
         if device.type != "cpu" or cell is None:
             name = getattr(model, "kind", type(model).__name__)
-            raise ValueError(f"engine 'fused' runs RNNs, LSTMs and GRUs on the CPU, not {name} on {device.type}")
+            raise ValueError(f"engine 'fused' runs RNNs, LSTMs, GRUs and IndRNNs on the CPU, not {name} on {device.type}")
     if engine == "cuda-graph" and device.type != "cuda":
         raise ValueError("engine 'cuda-graph' needs a CUDA device")
     return engine
@@ -134,7 +133,7 @@ class TrainStep:
         """Called after parameters or optimiser state were replaced (rollback, resume)."""
 
 
-def make_train_step(model: RecurrentModel, engine: str, loss_fn, optimizer: torch.optim.Optimizer,
+def make_train_step(model: nn.Module, engine: str, loss_fn, optimizer: torch.optim.Optimizer,
                     clip_norm: float, example: tuple[torch.Tensor, torch.Tensor]) -> TrainStep:
     params = [p for p in model.parameters() if p.requires_grad]
     if engine == "cuda-graph":

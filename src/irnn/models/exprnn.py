@@ -58,11 +58,11 @@ class ExpRNN(nn.Module):
         h_in = x
         with parametrize.cached():  # each Q once per forward pass, not once per time step
             for lin, rec, b in zip(self.input, self.recurrent, self.bias):
-                pre, q = lin(h_in), rec.weight
+                pre, q_t = lin(h_in), rec.weight.T
                 h = pre.new_zeros(pre.shape[0], self.hidden_size)
                 states = []
                 for t in range(pre.shape[1]):
-                    h = modrelu(pre[:, t] + h @ q.T, b)
+                    h = modrelu(pre[:, t] + h @ q_t, b)
                     states.append(h)
                 h_in = torch.stack(states, 1)
         return h_in if self.per_step else h_in[:, -1]

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from .. import registry
 from ..config import ENV_KEYS, ConfigError, from_dict, setting_key, solved_threshold
-from ..runs.store import atomic_write_bytes, iter_metrics, read_json
+from ..runs.store import atomic_write_bytes, iter_metrics, read_json, run_label
 
 
 class _ModelNames(Mapping):
@@ -85,14 +85,7 @@ class Member:
 
     @property
     def label(self) -> str:
-        if self.summary.get("label"):
-            return self.summary["label"]
-        try:
-            from ..runs.store import model_label
-
-            return model_label(from_dict(self.config))
-        except ConfigError:
-            return f"{self.model}-{self.config.get('task', 'adding')}"
+        return self.summary.get("label") or run_label(self.model, self.task, int(self.config.get("seq_len") or 0))
 
     @property
     def steps_per_epoch(self) -> float:
@@ -295,9 +288,11 @@ def hparams(cfg: dict[str, Any], extra: Iterable[str] = ()) -> dict[str, Any]:
     """The hyper-parameters worth showing for one setting: the optimiser's, the model's own, and any varied."""
     own = _model_keys(cfg.get("model"))
     keys = ["optimizer", "lr", "clip_norm", "batch_size", *own]
+    # a key that belongs to some model (its hparams or options) is shown only for that model
+    belongs = {k for m in registry.model_names() for k in (*registry.model_spec(m).hparams,
+                                                           *(o.name for o in registry.model_spec(m).options))}
     for k in extra:
-        if k not in keys and k not in ("task", "options") and not (k in ("init_scale", "forget_bias", "recurrent_std")
-                                                                   and k not in own):
+        if k not in keys and k not in ("task", "options") and not (k in belongs and k not in own):
             keys.append(k)
     options = cfg.get("options") or {}
     return {k: cfg.get(k, options.get(k)) for k in keys}

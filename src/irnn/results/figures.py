@@ -17,16 +17,11 @@ from typing import Optional, Sequence
 from ..runs.store import write_error
 from .aggregate import MODEL_NAMES, Member, SettingStats, panel_title
 
-class _Colors:
-    """A model's colour, from the registry (None: matplotlib's next)."""
+def model_color(model: str, default=None):
+    """A model's colour from its registry entry (``default``, None: matplotlib's next colour)."""
+    from .. import registry
 
-    def get(self, model: str, default=None):
-        from .. import registry
-
-        return registry.model_color(model) or default
-
-
-COLORS = _Colors()
+    return registry.model_color(model) or default
 # The two baselines often lie on top of each other at the plateau: draw the ReLU RNN wide and the tanh RNN thin.
 WIDTHS = {"rnn-relu": 3.2, "rnn-tanh": 1.3}
 
@@ -124,7 +119,7 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
             steps, mean, lo, hi = _curve_band(c.members)
             if not steps:
                 continue
-            color = COLORS.get(c.model)
+            color = model_color(c.model)
             ax.plot(steps, mean, color=color, lw=WIDTHS.get(c.model, 1.8),
                     label=f"{MODEL_NAMES.get(c.model, c.model)} ({len(c.members)} seeds)")
             if len(c.members) > 1:
@@ -133,7 +128,7 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
                     pts = [(st, v) for st, v in m.evals if math.isfinite(v)]
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=0.6, alpha=0.45)
         for model, value in (references or {}).get(task, ()):
-            ax.axhline(value, color=COLORS.get(model, "0.2"), ls=(0, (1, 2)), lw=1.4,
+            ax.axhline(value, color=model_color(model, "0.2"), ls=(0, (1, 2)), lw=1.4,
                        label=f"Le et al.: {MODEL_NAMES.get(model, model)} {value:.0%}")
         if baseline is not None:
             what = "predict the mean" if metric != "test_acc" else "most frequent class"
@@ -190,7 +185,7 @@ def loss_per_epoch(groups: Sequence[Sequence[Member]], out_dir: str | Path, *, s
         epochs = [s / per_epoch for s in steps]
         vals += mean
         color = palette[i % len(palette)] if len({m.model for gg in groups for m in gg}) == 1 \
-            else COLORS.get(g[0].model)
+            else model_color(g[0].model)
         ax.plot(epochs, mean, lw=1.8, color=color, label=g[0].label + (f" (mean of {len(g)} seeds; thin: each)" if len(g) > 1 else ""))
         if len(g) > 1:
             for m in g:

@@ -154,12 +154,18 @@ def default_run_name(cfg: Config, task_name: str | None = None) -> str:
 def model_label(cfg: Config) -> str:
     """``irnn-150`` for the adding problem, ``lstm-copy200`` for another task keyed by its length,
     ``irnn-mnist`` / ``lstm-pmnist`` for one that sets its own."""
+    return run_label(cfg.model, cfg.task, cfg.seq_len)
+
+
+def run_label(model: str, task: str, seq_len: int) -> str:
+    """:func:`model_label` from the three values (a stored config; a task no longer registered counts as
+    one that sets its own length)."""
     from .. import registry
 
-    if cfg.task == "adding":
-        return f"{cfg.model}-{cfg.seq_len}"
-    by_length = registry.task_spec(cfg.task).by_length if cfg.task in registry.task_names() else False
-    return f"{cfg.model}-{cfg.task}{cfg.seq_len}" if by_length else f"{cfg.model}-{cfg.task}"
+    if task == "adding":
+        return f"{model}-{seq_len}"
+    by_length = task in registry.task_names() and registry.task_spec(task).by_length
+    return f"{model}-{task}{seq_len}" if by_length else f"{model}-{task}"
 
 
 def writable_dir(path: str | Path, what: str) -> Path:

@@ -43,7 +43,7 @@ from ..runs.store import MetricsLog, RunDir, WriteError, default_run_name, git_r
 from ..tracking import Tracker, check_trackers, finish_trackers, make_trackers
 from ..tasks import Task, make_task
 from .guard import DivergenceGuard, Scan
-from .optim import make_optimizer
+from .optim import constrain_after_each_step, make_optimizer
 
 
 @dataclass
@@ -160,9 +160,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.optimizer = make_optimizer(cfg, self.model.parameters(), capturable=self.engine == "cuda-graph")
-        constrain = getattr(self.model, "constrain_", None)  # a model's own constraint (IndRNN's bound on |u|)
-        if callable(constrain):
-            self.optimizer.register_step_post_hook(lambda *_: constrain())
+        constrain_after_each_step(self.model, self.optimizer)
         self.eval_forward = make_forward(self.model, "fused" if self.engine == "fused" else "torch")
         self.state = LoopState()
         self.versions = versions()  # once: the code that runs is the code loaded now (and git is slow to ask)

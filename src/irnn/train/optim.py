@@ -28,3 +28,11 @@ def make_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], *, captura
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, capturable=capturable)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def constrain_after_each_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A model's own constraint (``model.constrain_()``, e.g. IndRNN's bound on |u|), applied after every
+    step of ``optimizer``; a model without one is left alone."""
+    constrain = getattr(model, "constrain_", None)
+    if callable(constrain):
+        optimizer.register_step_post_hook(lambda *_: constrain())

@@ -17,21 +17,21 @@ at::Tensor indrnn_forward(const at::Tensor& pre_in, const at::Tensor& u_in) {
   at::Tensor pre = pre_in.contiguous(), u = u_in.to(pre.scalar_type()).contiguous();
   const int64_t B = pre.size(0), T = pre.size(1), H = pre.size(2);
   at::Tensor out = at::empty_like(pre);
+  if (B == 0 || T == 0 || H == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "indrnn_forward", [&] {
     const scalar_t* P = pre.data_ptr<scalar_t>();
     const scalar_t* U = u.data_ptr<scalar_t>();
     scalar_t* O = out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> h(H);
       for (int64_t b = b0; b < b1; ++b) {
-        std::fill(h.begin(), h.end(), scalar_t(0));
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* p = P + (b * T + t) * H;
-          scalar_t* o = O + (b * T + t) * H;
+        const scalar_t* p = P + b * T * H;
+        scalar_t* o = O + b * T * H;
+        for (int64_t j = 0; j < H; ++j) o[j] = p[j] > scalar_t(0) ? p[j] : scalar_t(0);  // h_{-1} = 0
+        for (int64_t t = 1; t < T; ++t) {  // h_t in place of out, read back as h_{t-1}
+          const scalar_t* prev = o + (t - 1) * H;
           for (int64_t j = 0; j < H; ++j) {
-            scalar_t v = p[j] + U[j] * h[j];
-            h[j] = v > scalar_t(0) ? v : scalar_t(0);
-            o[j] = h[j];
+            scalar_t v = p[t * H + j] + U[j] * prev[j];
+            o[t * H + j] = v > scalar_t(0) ? v : scalar_t(0);
           }
         }
       }
@@ -60,12 +60,12 @@ std::vector<at::Tensor> indrnn_backward(const at::Tensor& grad_in, const at::Ten
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t at = (b * T + t) * H;
           for (int64_t j = 0; j < H; ++j) {
-            scalar_t g = G[at + j] + carry[j];
-            scalar_t d = O[at + j] > scalar_t(0) ? g : scalar_t(0);
+            scalar_t d = O[at + j] > scalar_t(0) ? G[at + j] + carry[j] : scalar_t(0);
             D[at + j] = d;
             carry[j] = d * U[j];
-            if (t > 0) du[j] += d * O[at - H + j];
           }
+          if (t > 0)  // du = sum_t d_t * h_{t-1}; h_{-1} = 0 adds nothing
+            for (int64_t j = 0; j < H; ++j) du[j] += D[at + j] * O[at - H + j];
         }
       }
     });
