@@ -241,8 +241,9 @@ def add_commands(sub: Any) -> None:
         description="Reproduce a study of Le et al. (2015) and write OUT/NAME/report.md with figures, tables and a "
                     "verdict per claim. adding: Figure 2 (T = 150/200/300/400; IRNN, tanh RNN, ReLU RNN, LSTM; 3 "
                     "seeds). mnist: Figure 3 (pixel-by-pixel and permuted MNIST, 784 steps; the same models; 3 "
-                    "seeds; the paper's 97% / 82%). --budget quick is cut to fit about 20 minutes on 2 CPU cores "
-                    "and says what it cut; adding --budget standard runs all four lengths with 5 seeds for the IRNN "
+                    "seeds; the paper's 97% / 82%). --budget quick is cut (and says what it cut): adding to about 20 "
+                    "minutes on 2 CPU cores, mnist with the LSTM near 30 (unmeasured; --models irnn,rnn-tanh,rnn-relu "
+                    "took 9.4); adding --budget standard runs all four lengths with 5 seeds for the IRNN "
                     "and the LSTM with budgets aimed at 2 hours on 2 CPU cores (see the README); full is the real study, meant for a GPU. "
                     "Re-running resumes.")
     p.add_argument("task", choices=("adding", "mnist"), help="the study: adding or mnist")
