@@ -2,7 +2,7 @@
 
 Every ``irnn train`` option is generated from the fields of :class:`irnn.config.Config`,
 so each is documented in exactly one place. Bad input of any kind ends in one
-line on stderr and exit status 2. ``irnn sweep``, ``reproduce`` and ``plot`` live in
+line on stderr and exit status 2. ``irnn sweep``, ``reproduce``, ``benchmark`` and ``plot`` live in
 :mod:`irnn.cli.experiments`; what both halves share, in :mod:`irnn.cli.options`.
 """
 from __future__ import annotations

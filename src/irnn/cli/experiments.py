@@ -1,4 +1,4 @@
-"""``irnn sweep``, ``irnn reproduce`` and ``irnn plot``: parse, then call the experiments API (the CLI room
+"""``irnn sweep``, ``irnn reproduce``, ``irnn benchmark`` and ``irnn plot``: parse, then call the experiments API (the CLI room
 looks down at :mod:`irnn.experiments`; nothing there imports the CLI)."""
 from __future__ import annotations
 
@@ -161,6 +161,29 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if not unfinished else 1
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from ..experiments.benchmark import benchmark
+    from ..experiments.sweep import open_sweep
+
+    _check_backend(args)
+    env = {k: v for k, v in config_values(args).items() if k in ENV_KEYS}
+    t0 = time.perf_counter()
+    report = benchmark(args.budget, out=args.out, name=args.name, models=_names(args.models, "--models"),
+                       tasks=_names(args.tasks, "--tasks"), seeds=_int(args.seeds, "--seeds"),
+                       steps=_int(args.steps, "--steps"), data_dir=args.data_dir, download=args.download,
+                       backend=args.backend, address=args.address, workers=_workers(args), overwrite=args.overwrite,
+                       env=env, echo=True, command="irnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                       if sys.argv[1:2] == ["benchmark"] else f"irnn benchmark --budget {args.budget}")
+    print()
+    print((report.parent / "leaderboard.md").read_text())
+    print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
+    unfinished, total = _unfinished(open_sweep(report.parent))
+    if unfinished:
+        print(f"irnn: {unfinished} of {total} runs did not finish (see the report's failed runs); "
+              f"run the same command again to retry them", file=sys.stderr)
+    return 0 if not unfinished else 1
+
+
 def _print_verdicts(report: Path) -> None:
     text = report.read_text()
     start = text.find("## Verdicts")
@@ -193,7 +216,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     written: list[Path] = []
     if is_sweep(path):
         sweep = open_sweep(path)
-        if sweep.meta.get("study") in ("adding", "mnist") and args.out is None:
+        if sweep.meta.get("study") == "benchmark" and args.out is None:
+            from ..experiments.benchmark import write_benchmark_report
+
+            report = write_benchmark_report(path)
+            written = sorted((path / "figures").glob("*.png")) + [report]
+        elif sweep.meta.get("study") in ("adding", "mnist") and args.out is None:
             report = write_report(path)
             written = sorted((path / "figures").glob("*.png")) + [report]
         else:
@@ -214,7 +242,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Register ``sweep``, ``reproduce`` and ``plot`` on the ``irnn`` parser."""
+    """Register ``sweep``, ``reproduce``, ``benchmark`` and ``plot`` on the ``irnn`` parser."""
     from dataclasses import fields
 
     from ..config import Config
@@ -271,6 +299,31 @@ def add_commands(sub: Any) -> None:
     _backend_options(p)
     add_config_options(p, exclude=env_exclude)
     p.set_defaults(func=_interruptible(cmd_reproduce))
+
+    p = sub.add_parser(
+        "benchmark", help="rank the IRNN and its successors on adding, copy and MNIST with one budget",
+        description="Train every model (irnn, rnn-relu, rnn-tanh, lstm, gru, np-rnn, rnn-orth, exprnn, indrnn, "
+                    "chrono-lstm, or those of --models, a plugin's included) on every task with the same budget, "
+                    "seeds and divergence guard, and write OUT/NAME/leaderboard.md, a figure and report.md. "
+                    "--budget quick: adding T=100, copy T=50 and the 5,000-image MNIST sample, 2 seeds, sized for "
+                    "30 minutes on 2 CPU cores (see the README); full: adding T=400, copy T=200, MNIST and "
+                    "permuted MNIST on all of MNIST (--data-dir), 5 seeds, meant for a GPU or --backend ray. "
+                    "Re-running resumes.",
+        epilog="example: IRNN_PLUGINS=my_rnn.py irnn benchmark --models irnn,lstm,my-rnn --tasks adding,copy")
+    p.add_argument("--budget", choices=("quick", "full"), default="quick", help="quick (default) or full")
+    p.add_argument("--out", metavar="DIR", default="runs", help="root folder (default: runs)")
+    p.add_argument("--name", metavar="NAME", default=None, help="sweep name (default: benchmark-BUDGET)")
+    p.add_argument("--models", metavar="M1,M2", default=None, help="the models to rank (default: the ten built in)")
+    p.add_argument("--tasks", metavar="T1,T2", default=None,
+                   help="some of the budget's tasks: adding, copy, mnist (full: also pmnist)")
+    p.add_argument("--seeds", metavar="N", default=None, help="override the budget's number of seeds")
+    p.add_argument("--steps", metavar="N", default=None, help="override the budget's steps per run (every task)")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="--budget full: the folder with the MNIST IDX files")
+    p.add_argument("--download", action="store_true",
+                   help="--budget full: download the IDX files into --data-dir when missing (checksummed)")
+    _backend_options(p)
+    add_config_options(p, exclude=env_exclude)
+    p.set_defaults(func=_interruptible(cmd_benchmark))
 
     p = sub.add_parser("plot", help="draw the figures of a run or a sweep",
                        description="Draw the applicable figures (PNG and SVG) for a run folder (loss per epoch, "

@@ -202,15 +202,16 @@ def study_spec(budget: str = "quick", *, name: Optional[str] = None, seeds: Opti
     return spec, meta
 
 
-def check_data(spec: SweepSpec) -> str:
+def check_data(spec: SweepSpec | dict[str, Any]) -> str:
     """Load the study's data once before any member starts (downloading it first when asked), so that
     missing or damaged files end in one clear line instead of every member failing; returns what was
     found, e.g. ``"idx: 60,000 training and 10,000 test images"``."""
     from ..config import from_dict
     from ..tasks.mnist import load_data
 
+    values = spec.base if isinstance(spec, SweepSpec) else spec  # a study's base, or one run's config values
     keys = ("data_source", "data_dir", "download")
-    cfg = from_dict({"task": "mnist", **{k: spec.base[k] for k in keys if k in spec.base}})
+    cfg = from_dict({"task": "mnist", **{k: values[k] for k in keys if k in values}})
     data = load_data(cfg)
     return (f"{data.source}: {len(data.train_labels):,} training and {len(data.test_labels):,} test images of "
             f"{data.train_images.shape[1]}x{data.train_images.shape[2]} pixels")

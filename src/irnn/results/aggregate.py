@@ -459,7 +459,10 @@ TASK_NAMES = {"adding": "adding problem", "mnist": "pixel-by-pixel MNIST", "pmni
 
 def panel_title(task: str, seq_len: int) -> str:
     """``adding problem, T = 150`` / ``permuted MNIST (784 steps)``: what one cell of a study is."""
-    return f"adding problem, T = {seq_len}" if task == "adding" else f"{TASK_NAMES.get(task, task)} ({seq_len} steps)"
+    if task == "adding":
+        return f"adding problem, T = {seq_len}"
+    name = TASK_NAMES.get(task) or (registry.task_spec(task).title if task in registry.task_names() else task)
+    return f"{name} ({seq_len} steps)"
 
 
 def best_settings(stats: Sequence[SettingStats]) -> list[SettingStats]:

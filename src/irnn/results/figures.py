@@ -24,6 +24,7 @@ def model_color(model: str, default=None):
     return registry.model_color(model) or default
 # The two baselines often lie on top of each other at the plateau: draw the ReLU RNN wide and the tanh RNN thin.
 WIDTHS = {"rnn-relu": 3.2, "rnn-tanh": 1.3}
+METRIC_LABELS = {"test_mse": "test MSE", "test_acc": "test accuracy", "test_ce": "test cross-entropy"}
 
 
 def _plt():
@@ -109,11 +110,15 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
     nrows = math.ceil(n / ncols)
     size = (8.0, 5.2) if n == 1 else (5.2 * ncols, 3.9 * nrows)
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
-    metric = cells[0].first.primary_metric
-    all_vals = [v for c in cells for m in c.members for _, v in m.evals if isinstance(v, float) and math.isfinite(v)]
-    log = _use_log(all_vals, metric)
+    metrics = []
     for ax, (task, T) in zip(axes.flat, panels):
         row = [c for c in cells if (c.task, c.seq_len) == (task, T)]
+        metric = row[0].first.primary_metric  # each panel its own: a benchmark mixes MSE, cross-entropy, accuracy
+        metrics.append(metric)
+        name = METRIC_LABELS.get(metric, metric.replace("_", " "))
+        # one scale for the panels of one metric (the lengths of Figure 2 side by side)
+        vals = [v for c in cells if c.first.primary_metric == metric for m in c.members for _, v in m.evals
+                if isinstance(v, float) and math.isfinite(v)]
         baseline = next((c.baseline for c in row if c.baseline is not None), None)
         for c in row:
             steps, mean, lo, hi = _curve_band(c.members)
@@ -131,18 +136,19 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
             ax.axhline(value, color=model_color(model, "0.2"), ls=(0, (1, 2)), lw=1.4,
                        label=f"Le et al.: {MODEL_NAMES.get(model, model)} {value:.0%}")
         if baseline is not None:
-            what = "predict the mean" if metric != "test_acc" else "most frequent class"
+            what = {"test_acc": "most frequent class", "test_ce": "memoryless"}.get(metric, "predict the mean")
             ax.axhline(baseline, color="0.35", ls="--", lw=1.1, label=f"{what} ({baseline:.3g})")
         if metric != "test_acc":
             thr = row[0].threshold
-            ax.axhline(thr, color="0.6", ls=":", lw=1.0, label=f"solved: MSE < {thr:g}")
+            short = {"test_mse": "MSE", "test_ce": "CE"}.get(metric, name)
+            ax.axhline(thr, color="0.6", ls=":", lw=1.0, label=f"solved: {short} < {thr:.3g}")
         else:
             ax.set_ylim(0, 1)
-        if log:
+        if _use_log(vals, metric):
             ax.set_yscale("log")
         ax.set_title(panel_title(task, T))
         ax.set_xlabel("training steps")
-        ax.set_ylabel({"test_mse": "test MSE", "test_acc": "test accuracy"}.get(metric, metric.replace("_", " ")))
+        ax.set_ylabel(name)
         ax.grid(True, which="major", alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
@@ -152,7 +158,7 @@ def paper_grid(cells: Sequence[SettingStats], out_dir: str | Path, *, stem: str 
         for h, label in zip(*ax.get_legend_handles_labels()):
             key = label.split(" (")[0] if not label.startswith(("predict", "solved", "most", "Le et al.")) else label
             handles.setdefault(key, (h, label))
-    what = "Test accuracy" if metric == "test_acc" else "Test MSE"
+    what = ("Test accuracy" if metrics[0] == "test_acc" else "Test MSE") if len(set(metrics)) == 1 else "Test metric"
     fig.suptitle(title or f"{what} against training steps\n(thick: mean over seeds; thin: each seed; band: min–max)",
                  fontsize=11)
     legend_rows = math.ceil(len(handles) / 3)
