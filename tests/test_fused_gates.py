@@ -113,6 +113,36 @@ def test_matches_the_module(impl, mode, batch, seq_len, inputs, hidden, layers):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def _random_shapes(n, seed=2026):
+    """n seeded (mode, B, T, I, H, layers, batch_first, last_only, dtype) draws, replayable from the seed."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    return [("lstm" if pick(0, 1) else "gru", pick(1, 40), pick(1, 60), pick(1, 20), pick(1, 70), pick(1, 3),
+             bool(pick(0, 1)), bool(pick(0, 1)), torch.float32 if pick(0, 1) else torch.float64) for _ in range(n)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", _random_shapes(20), ids=lambda c: "-".join(map(str, c[:8])) + "-" + str(c[8]).split(".")[-1])
+def test_random_shapes_match_float64_torch(impl, case):
+    """Shapes nobody chose: outputs and every gradient against a float64 nn.LSTM / nn.GRU on the same weights."""
+    mode, b, t, i, h, layers, batch_first, last_only, dtype = case
+    rnn64 = module(mode, i, h, layers, seed=b * t, batch_first=batch_first)
+    rnn = module(mode, i, h, layers, dtype=dtype, seed=b * t, batch_first=batch_first)
+    x64 = torch.randn(b, t, i, dtype=torch.float64, generator=torch.Generator().manual_seed(h))
+    x64 = (x64 if batch_first else x64.transpose(0, 1).contiguous()).requires_grad_()
+    x = x64.detach().to(dtype).requires_grad_()
+    ref = rnn64(x64)[0]
+    ref = ref[:, -1] if last_only and batch_first else ref[-1] if last_only else ref
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+    want = [ref, *torch.autograd.grad(ref, [x64, *rnn64.parameters()], g)]
+    out = fused_gates.gates_forward(rnn, x, impl=impl, last_only=last_only)
+    got = [out, *torch.autograd.grad(out, [x, *rnn.parameters()], g.to(dtype))]
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for name, a, w in zip(["output", "x", *(n for n, _ in rnn.named_parameters())], got, want):
+        assert a.shape == w.shape, name
+        assert rel_err(a.double(), w) < tol, (name, rel_err(a.double(), w))
+
+
 @needs_cpp
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_float32_long_sequence_gradient_error(mode):
