@@ -270,3 +270,25 @@ def test_stacked_members_guard_exactly_as_alone(tmp_path):
                           ckpt.load(a.path / "checkpoints" / "ckpt-000000200.pt"))
         for key in ("guard_interventions", "spikes_absorbed", "skipped_batches"):
             assert r.summary[key] == a.summary[key]
+
+
+def test_a_study_without_the_guard_is_the_raw_runs_of_the_same_members(tmp_path, capsys):
+    """`irnn reproduce --no-guard` trains the same members raw, in a folder of its own, and says so in the report;
+    where the guard never rolled back, each guarded member's curve is the raw member's, value for value."""
+    from irnn.cli import main
+    from irnn.experiments.report import NO_GUARD_TEXT
+
+    argv = ["reproduce", "adding", "--lengths", "10", "--steps", "60", "--seeds", "1", "--models", "irnn,rnn-relu",
+            "--workers", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0 and main([*argv, "--no-guard"]) == 0
+    capsys.readouterr()
+    guarded, raw = tmp_path / "adding-seed-quick", tmp_path / "adding-seed-quick-noguard"
+    names = sorted(p.name for p in (raw / "members").iterdir())
+    assert names == sorted(p.name for p in (guarded / "members").iterdir()) and len(names) == 2
+    for name in names:
+        assert json.loads((raw / "members" / name / "config.json").read_text())["config"]["guard"] is False
+        assert json.loads((guarded / "members" / name / "config.json").read_text())["config"]["guard"] is True
+        assert not events(guarded / "members" / name, "divergence")
+        assert curves(raw / "members" / name) == curves(guarded / "members" / name)
+    assert NO_GUARD_TEXT in (raw / "report.md").read_text()
+    assert NO_GUARD_TEXT not in (guarded / "report.md").read_text()

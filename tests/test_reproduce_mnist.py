@@ -177,3 +177,12 @@ def test_missing_data_stops_the_study_before_any_member(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found in" in err[0] and "--download" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_study_without_the_guard():
+    from irnn.experiments.report import NO_GUARD_TEXT
+
+    spec, meta = study_spec("quick", guard=False)
+    assert spec.name == "mnist-quick-noguard" and spec.base["guard"] is False and NO_GUARD_TEXT in meta["reductions"]
+    spec, meta = study_spec("quick")
+    assert spec.name == "mnist-quick" and "guard" not in spec.base and NO_GUARD_TEXT not in meta["reductions"]

@@ -147,7 +147,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                        seeds=_int(args.seeds, "--seeds"), steps=_int(args.steps, "--steps"),
                        models=_names(args.models, "--models"), tasks=_names(args.tasks, "--tasks"),
                        data_source=args.data_source, data_dir=args.data_dir, download=args.download,
-                       overwrite=args.overwrite, env=env, echo=True,
+                       overwrite=args.overwrite, guard=args.guard, env=env, echo=True,
                        command="irnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"]
                        else f"irnn reproduce {args.task} --budget {args.budget}")
     _print_verdicts(report)
@@ -284,7 +284,7 @@ def add_commands(sub: Any) -> None:
                    help="quick (default), standard (adding only: all four lengths, 111 minutes measured on 2 CPU cores) or full")
     p.add_argument("--out", metavar="DIR", default="runs", help="root folder (default: runs)")
     p.add_argument("--name", metavar="NAME", default=None,
-                   help="sweep name (default: adding-PRESET-BUDGET or mnist-BUDGET)")
+                   help="sweep name (default: adding-PRESET-BUDGET or mnist-BUDGET, -noguard added with --no-guard)")
     p.add_argument("--lengths", metavar="T1,T2", default=None, help="adding only: override the sequence lengths")
     p.add_argument("--seeds", metavar="N", default=None, help="override the budget's number of seeds")
     p.add_argument("--steps", metavar="N", default=None, help="override the budget's steps per run")
@@ -297,6 +297,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--data-dir", metavar="DIR", default=None, help="mnist only: the folder with the MNIST IDX files")
     p.add_argument("--download", action="store_true",
                    help="mnist only: download the IDX files into --data-dir when missing (checksummed)")
+    p.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                   help="the divergence guard on every member (default); --no-guard runs the study raw, to compare "
+                        "with it (default name: the study's with -noguard)")
     _backend_options(p)
     add_config_options(p, exclude=env_exclude)
     p.set_defaults(func=_interruptible(cmd_reproduce))

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import ConfigError, subset
 from ..results.aggregate import MODEL_NAMES, SettingStats, find_cell, panel_title
-from .report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict
+from .report import INCONCLUSIVE, NO_GUARD_TEXT, NOT_REPRODUCED, REPRODUCED, Verdict
 from ..config import ENV_KEYS
 from .sweep import SweepSpec
 
@@ -128,13 +128,14 @@ def reductions(b: Budget) -> list[str]:
 def study_spec(budget: str = "quick", *, name: Optional[str] = None, seeds: Optional[int] = None,
                steps: Optional[int] = None, models: Optional[Sequence[str]] = None,
                tasks: Optional[Sequence[str]] = None, data_source: Optional[str] = None,
-               data_dir: Optional[str] = None, download: bool = False,
+               data_dir: Optional[str] = None, download: bool = False, guard: bool = True,
                env: Optional[dict[str, Any]] = None) -> tuple[SweepSpec, dict[str, Any]]:
     """The sweep of the MNIST study and its metadata (budget, reductions, rule).
 
     Args:
         seeds / steps / models / tasks / data_source: override the budget's (the report then says so).
         data_dir / download: where the MNIST IDX files are (needed by ``data_source='idx'``, the full budget).
+        guard: False trains every member without the divergence guard (the report says so).
     """
     b = budget_for(budget)
     custom = False  # the caller overrode the budget: it is then not the full one
@@ -177,6 +178,8 @@ def study_spec(budget: str = "quick", *, name: Optional[str] = None, seeds: Opti
         base["download"] = True
     if b.threads:
         base["threads"] = b.threads
+    if not guard:
+        base["guard"], custom = False, True
     base.update({k: v for k, v in (env or {}).items() if k in ENV_KEYS})
     grid = [{"task": list(b.tasks), "model": list(b.models), "seed": list(b.seeds)}]
     f = _full()
@@ -193,10 +196,11 @@ def study_spec(budget: str = "quick", *, name: Optional[str] = None, seeds: Opti
         f"on the whole test set every {b.eval_every:,} steps; 'solved' in the table means test accuracy > 0.9; "
         f"always predicting the most frequent class scores 0.1.",
     ]
-    spec = SweepSpec(name=name or f"mnist-{budget}", base=base, grid=grid,
+    spec = SweepSpec(name=name or f"mnist-{budget}" + ("" if guard else "-noguard"), base=base, grid=grid,
                      description=f"Le et al. (2015) Figure 3, pixel MNIST, budget {budget}")
     meta = {"study": "mnist", "budget": budget, "full_budget": budget == "full" and not custom,
-            "data_source": b.data_source, "reductions": reductions(b), "description": description,
+            "data_source": b.data_source, "reductions": reductions(b) + ([] if guard else [NO_GUARD_TEXT]),
+            "description": description,
             "selection_rule": "One setting per model, so no selection was needed.", "workers": b.workers,
             "eval_every": b.eval_every, "tasks": list(b.tasks)}
     return spec, meta

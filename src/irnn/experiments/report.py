@@ -20,6 +20,8 @@ from ..results.aggregate import MODEL_NAMES, SettingStats, find_cell
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive at this budget"
 PAPER_LENGTHS = (150, 200, 300, 400)
+NO_GUARD_TEXT = ("divergence guard off (chosen with --no-guard): the raw runs, to compare with the guarded study; "
+                 "a run stops as diverged at its first NaN/inf")
 NEAR_BASELINE = 0.5  # "near the baseline": final MSE at least this fraction of the baseline
 ALPHA = 0.05  # a verdict is "clear" when its one-sided exact test gives p < ALPHA, "weak" otherwise
 

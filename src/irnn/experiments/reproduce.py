@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 from ..config import ConfigError, subset
 from ..results.aggregate import Member, best_settings, collect, group_settings, make_table, settings, write_tables
 from ..config import ENV_KEYS
+from .report import NO_GUARD_TEXT
 from .sweep import SweepSpec, create, open_sweep, train_sweep
 
 MODELS = ("irnn", "rnn-tanh", "rnn-relu", "lstm")
@@ -181,12 +182,14 @@ def reductions(preset: str, b: Budget) -> list[str]:
 
 def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[str] = None,
                lengths: Optional[Sequence[int]] = None, seeds: Optional[int] = None, steps: Optional[int] = None,
-               models: Optional[Sequence[str]] = None,
+               models: Optional[Sequence[str]] = None, guard: bool = True,
                env: Optional[dict[str, Any]] = None) -> tuple[SweepSpec, dict[str, Any]]:
     """The sweep of the adding-problem study and its metadata (budget, reductions, rule).
 
     Args:
         lengths / seeds / steps / models: override the budget's (the report then says so).
+        guard: False trains every member without the divergence guard (the report says so), to compare
+            the guarded study with the raw runs.
     """
     b = budget_for(preset, budget)
     custom = []
@@ -215,6 +218,9 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
         base["stop_when_solved"] = b.stop_when_solved
     if b.steps_by_length:
         del base["steps"]  # each length's table sets it (a key may not be in both base and grid)
+    if not guard:
+        base["guard"] = False
+        custom.append(NO_GUARD_TEXT)
     base.update({k: v for k, v in (env or {}).items() if k in ENV_KEYS})
     common = {"seq_len": list(b.lengths), "seed": list(b.seeds)}
     grid: list[dict[str, list[Any]]] = []
@@ -278,7 +284,7 @@ def study_spec(preset: str = "seed", budget: str = "quick", *, name: Optional[st
         grid = [{**t, "model": [m for m in t["model"] if m in models]} for t in grid]
         grid = [t for t in grid if t["model"]]
         custom.append(f"models {', '.join(models)} (chosen with --models)")
-    spec = SweepSpec(name=name or f"adding-{preset}-{budget}", base=base, grid=grid,
+    spec = SweepSpec(name=name or f"adding-{preset}-{budget}" + ("" if guard else "-noguard"), base=base, grid=grid,
                      description=f"Le et al. (2015) Figure 2, preset {preset}, budget {budget}")
     meta = {"study": "adding", "preset": preset, "budget": budget, "full_budget": budget == "full" and not custom,
             "reductions": reductions(preset, b) + custom, "description": description, "selection_rule": rule,
@@ -426,7 +432,7 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
               address: Optional[str] = None, workers: Optional[int] = None, lengths: Optional[Sequence[int]] = None,
               seeds: Optional[int] = None, steps: Optional[int] = None, models: Optional[Sequence[str]] = None,
               tasks: Optional[Sequence[str]] = None, data_source: Optional[str] = None,
-              data_dir: Optional[str] = None, download: bool = False, overwrite: bool = False,
+              data_dir: Optional[str] = None, download: bool = False, overwrite: bool = False, guard: bool = True,
               env: Optional[dict[str, Any]] = None, echo: bool = False, command: Optional[str] = None) -> Path:
     """Run (or finish) a study, ``adding`` or ``mnist``, and write its report; returns the path of ``report.md``.
 
@@ -435,6 +441,7 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
         lengths: the adding study's sequence lengths.
         tasks / data_source / data_dir / download: the MNIST study's tasks and data.
         seeds / steps / models: override the budget's (the report says so).
+        guard: False trains every member without the divergence guard (the report says so).
     """
     if task not in STUDIES:
         raise ConfigError(f"unknown study {task!r}; choose one of: {', '.join(STUDIES)}")
@@ -444,7 +451,7 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
             if given is not None:
                 raise ConfigError(f"{flag} is for the mnist study, not adding")
         spec, meta = study_spec(preset or "seed", budget, name=name, lengths=lengths, seeds=seeds, steps=steps,
-                                models=models, env=env)
+                                models=models, guard=guard, env=env)
     else:
         if preset is not None:
             raise ConfigError("--preset is for the adding study; the mnist study has one setting per budget")
@@ -453,7 +460,8 @@ def reproduce(task: str = "adding", *, preset: Optional[str] = None, budget: str
         from . import mnist_study
 
         spec, meta = mnist_study.study_spec(budget, name=name, seeds=seeds, steps=steps, models=models, tasks=tasks,
-                                            data_source=data_source, data_dir=data_dir, download=download, env=env)
+                                            data_source=data_source, data_dir=data_dir, download=download,
+                                            guard=guard, env=env)
         found = mnist_study.check_data(spec)
         if echo:
             print(f"data: {found}")
