@@ -4,7 +4,7 @@
     irnn reproduce adding --budget quick --no-guard     # runs/adding-seed-quick-noguard
     python benchmarks/guard_vs_noguard.py runs/adding-seed-quick runs/adding-seed-quick-noguard
 
-Prints one row per member (final and best metric, the step it was solved at, the guard's rollbacks and
+Prints one row per member (its final metric, the step it was solved at, the guard's rollbacks and
 absorbed spikes, whether the two curves are the same value for value) and a last line that counts the
 members where the guarded run ended worse. Exit status 1 if any did, 2 on bad input.
 """
@@ -32,7 +32,7 @@ def compare(guarded: Path, raw: Path) -> tuple[list[list[str]], int]:
     for name, g in a.items():
         r = b[name]
         if g.state != "completed" or r.state != "completed":
-            rows.append([name, g.state, r.state] + ["-"] * 7)
+            rows.append([name, g.state, r.state] + ["-"] * 6)  # the states where the finals go
             worse += g.state != "completed" and r.state == "completed"
             continue
         higher = g.summary.get("best_test_acc") is not None  # accuracy: higher is better; MSE: lower
