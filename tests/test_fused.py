@@ -507,3 +507,25 @@ def test_each_source_builds_into_its_own_folder(tmp_path):
     assert extension_name("irnn_x", a) == extension_name("irnn_x", a)
     assert extension_name("irnn_x", a) != extension_name("irnn_x", a, ["-O2"])
     assert extension_name("irnn_x", a).startswith("irnn_x_")
+
+
+def test_two_checkouts_of_one_source_compile_the_same_path(tmp_path, monkeypatch):
+    """torch rebuilds when a source's absolute path changes, so each checkout compiles one staged copy, named
+    by the extension (source digest), written once: its bytes are the source's and its mtime stays put."""
+    from irnn.engine.build import extension_name, staged_source
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    one, two = tmp_path / "one" / "k.cpp", tmp_path / "two" / "k.cpp"
+    for p in (one, two):
+        p.parent.mkdir()
+        p.write_text("int f() { return 1; }\n")
+    name = extension_name("irnn_x", one)
+    assert name == extension_name("irnn_x", two)
+    staged = staged_source(name, one)
+    assert staged.read_bytes() == one.read_bytes() and staged.is_relative_to(tmp_path / "ext")
+    stamp = staged.stat().st_mtime_ns
+    assert staged_source(name, two) == staged and staged.stat().st_mtime_ns == stamp
+    other = tmp_path / "three" / "k.cpp"
+    other.parent.mkdir()
+    other.write_text("int f() { return 2; }\n")
+    assert staged_source(extension_name("irnn_x", other), other) != staged

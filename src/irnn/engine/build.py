@@ -23,13 +23,31 @@ def extension_name(prefix: str, source: Path, cflags: list[str] = CFLAGS) -> str
     return f"{prefix}_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
 
 
+def staged_source(name: str, source: Path) -> Path:
+    """The copy of ``source`` that is compiled, at a path set by the extension's ``name`` alone. torch writes
+    the source's absolute path into the build folder's build.ninja and rebuilds when it changes, so two
+    checkouts of the same source (a fresh clone for CI beside the working one) rebuilt the shared folder
+    each time the other had loaded it (~60 s on 2 cores, measured). Written once: its mtime must not move."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    staged = root / "irnn-sources" / name / source.name
+    if not staged.is_file():
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staged.with_name(f".{staged.name}.{os.getpid()}")
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, staged)
+    return staged
+
+
 def load_ops(prefix: str, source: Path, namespace: str, what: str):
     """Build (first use) and load ``source``; its ops under ``torch.ops.<namespace>``, or None if the
     build failed, with one warning naming ``what`` falls back to the slower pure-PyTorch path."""
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=extension_name(prefix, source), sources=[str(source)], extra_cflags=CFLAGS,
+        name = extension_name(prefix, source)
+        load(name=name, sources=[str(staged_source(name, source))], extra_cflags=CFLAGS,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return getattr(torch.ops, namespace)
     except Exception as exc:  # compiler missing, headers mismatch, ...: fall back, but say so once
