@@ -381,6 +381,37 @@ def test_time_major_module_and_noncontiguous_input():
     torch.testing.assert_close(fused.rnn_forward(rnn, x), rnn(x)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["relu", "tanh", "lstm", "gru"])
+def test_unbatched_input_as_the_module_takes_it(kind, batch_first, impl):
+    """x of shape [T, I], which nn.RNN/LSTM/GRU accept unbatched whatever batch_first says, runs like the
+    module: outputs [T, H], the last state [H], and the module's own gradients (two layers, float64)."""
+    from irnn.engine import fused_gates
+    torch.manual_seed(3)
+    if kind in ("relu", "tanh"):
+        rnn, forward = nn.RNN(3, 5, 2, nonlinearity=kind, batch_first=batch_first), fused.rnn_forward
+    else:
+        rnn, forward = (nn.LSTM if kind == "lstm" else nn.GRU)(3, 5, 2, batch_first=batch_first), fused_gates.gates_forward
+    rnn = rnn.double()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    out = forward(rnn, x, impl=impl)
+    ref = rnn(x)[0]
+    assert out.shape == ref.shape == (9, 5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    mine = torch.autograd.grad(out, list(rnn.parameters()), g)
+    want = torch.autograd.grad(ref, list(rnn.parameters()), g)
+    for a, b in zip(mine, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    last = forward(rnn, x, impl=impl, last_only=True)
+    assert last.shape == (5,)
+    assert torch.equal(last.detach(), out[-1].detach())
+    for bad in (torch.randn(3), torch.randn(1, 2, 9, 3)):
+        with pytest.raises(ValueError, match=r"unbatched \[T, I\], got shape"):
+            forward(rnn, bad.double(), impl=impl)
+
+
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda: nn.RNN(2, 4, bidirectional=True, batch_first=True),

@@ -38,6 +38,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .build import ISA, Extension, isa_code, requested_isa
+from .layers import module_layers
 
 __all__ = ["available", "rnn_layer", "rnn_forward", "supports"]
 
@@ -266,8 +267,8 @@ def rnn_forward(rnn: nn.RNN, x: torch.Tensor, impl: str = "auto", last_only: boo
     ``state_dict`` are unaffected. The initial state is zero; only the output sequence is returned.
 
     Shape:
-        x ``[B, T, I]`` -> ``[B, T, H]`` (``[T, B, I] -> [T, B, H]`` if ``rnn.batch_first`` is False);
-        with ``last_only``, the last layer's last state ``[B, H]``.
+        x ``[B, T, I]`` -> ``[B, T, H]`` (``[T, B, I] -> [T, B, H]`` if ``rnn.batch_first`` is False,
+        ``[T, I] -> [T, H]`` unbatched); with ``last_only``, the last layer's last state ``[B, H]``.
 
     Raises:
         ValueError: if ``rnn`` is not supported (see :func:`supports`).
@@ -275,11 +276,5 @@ def rnn_forward(rnn: nn.RNN, x: torch.Tensor, impl: str = "auto", last_only: boo
     if not supports(rnn):
         raise ValueError(f"the fused engine runs only nn.RNN (relu/tanh), unidirectional, bias=True, dropout=0; "
                          f"got {rnn!r}; use the module itself instead")
-    if x.dim() != 3:
-        raise ValueError(f"x must be a batched sequence [B, T, I], got shape {tuple(x.shape)}")
-    out = x if rnn.batch_first else x.transpose(0, 1)
-    for layer in range(rnn.num_layers):
-        out = rnn_layer(out, getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}"),
-                        getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"), rnn.nonlinearity, impl,
-                        last_only=last_only and layer == rnn.num_layers - 1)
-    return out if rnn.batch_first or last_only else out.transpose(0, 1)
+    return module_layers(rnn, x, lambda *a, last_only: rnn_layer(*a, rnn.nonlinearity, impl, last_only=last_only),
+                         last_only)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .build import Extension, isa_code
+from .layers import module_layers
 
 __all__ = ["available", "gates_layer", "gates_forward", "supports"]
 
@@ -241,8 +242,8 @@ def gates_forward(rnn: nn.Module, x: torch.Tensor, impl: str = "auto", last_only
     the output sequence is returned.
 
     Shape:
-        x ``[B, T, I]`` -> ``[B, T, H]`` (``[T, B, I] -> [T, B, H]`` if ``rnn.batch_first`` is False);
-        with ``last_only``, the last layer's last state ``[B, H]``.
+        x ``[B, T, I]`` -> ``[B, T, H]`` (``[T, B, I] -> [T, B, H]`` if ``rnn.batch_first`` is False,
+        ``[T, I] -> [T, H]`` unbatched); with ``last_only``, the last layer's last state ``[B, H]``.
 
     Raises:
         ValueError: if ``rnn`` is not supported (see :func:`supports`).
@@ -250,12 +251,5 @@ def gates_forward(rnn: nn.Module, x: torch.Tensor, impl: str = "auto", last_only
     if not supports(rnn):
         raise ValueError(f"the fused gates engine runs only nn.LSTM / nn.GRU, unidirectional, bias=True, dropout=0, "
                          f"proj_size=0; got {rnn!r}; use the module itself instead")
-    if x.dim() != 3:
-        raise ValueError(f"x must be a batched sequence [B, T, I], got shape {tuple(x.shape)}")
     mode = "lstm" if type(rnn) is nn.LSTM else "gru"
-    out = x if rnn.batch_first else x.transpose(0, 1)
-    for layer in range(rnn.num_layers):
-        out = gates_layer(out, getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}"),
-                          getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"), mode, impl,
-                          last_only=last_only and layer == rnn.num_layers - 1)
-    return out if rnn.batch_first or last_only else out.transpose(0, 1)
+    return module_layers(rnn, x, lambda *a, last_only: gates_layer(*a, mode, impl, last_only=last_only), last_only)
