@@ -182,7 +182,8 @@ def _cases(ws: Path) -> list[tuple[list[str], str]]:
         ["--name", "a/b"], ["--name", ".."], ["--track", "mlflow"], ["--inject-lr-spike", "soon"],
         ["--inject-lr-spike", "5:1:2"], ["--inject-spike", "soon"], ["--inject-spike", "-1:10"],
         ["--inject-spike", "5:inf"], ["--hiden-size", "3"], ["--guard", "maybe"], ["--quiet=maybe"],
-        ["--variant", "hochreiter", "--seq-len", "3"],
+        ["--variant", "hochreiter", "--seq-len", "3"], ["--threads", "100000"], ["--track", "wandb,wandb"],
+        ["--steps", "99999999999999999999"],
         *(["--config", str(ws / f)] for f in (
             "bad.toml", "bad.yaml", "unknown.toml", "str_for_float.toml", "float_for_int.toml", "list_for_int.yaml",
             "bool_for_int.toml", "nan.toml", "nan.yaml", "inf.yaml", "list.yaml", "empty.yaml", "date.yaml",
@@ -192,6 +193,10 @@ def _cases(ws: Path) -> list[tuple[list[str], str]]:
     cases = [(c, "") for c in train]
     cases += [
         (["train", "--steps"], "expected one argument"),
+        # a study's or benchmark's name is checked before anything starts: '../x' would leave --out
+        (["reproduce", "adding", "--name", "../up", "--out", str(ws / "studies")], "plain folder name"),
+        (["reproduce", "mnist", "--name", "x y", "--out", str(ws / "studies")], "plain folder name"),
+        (["benchmark", "--name", "../up", "--out", str(ws / "studies")], "plain folder name"),
         (["train", "--out", str(ws / "afile" / "runs")], "cannot create runs folder"),
         (["train", "--out", str(ws / "afile")], "cannot create runs folder"),
         (["train", "--out", "/proc/irnn-test-runs"], "cannot create runs folder"),

@@ -122,6 +122,7 @@ class Config:
 # Keys that say where or how verbosely a run goes, not what it computes: two invocations of the same
 # sweep may differ in them, and runs that differ only in them are the same experiment.
 ENV_KEYS = ("quiet", "device", "threads", "track", "engine")
+MAX_THREADS = 1024
 
 
 def setting_key(cfg: dict[str, Any]) -> str:
@@ -306,15 +307,22 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.guard_lr_decay > 1:
         raise ConfigError(f"guard_lr_decay must be in (0, 1], got {cfg.guard_lr_decay}")
+    if cfg.threads > MAX_THREADS:  # torch.set_num_threads(100_000) ends the process with a segfault
+        raise ConfigError(f"threads must be <= {MAX_THREADS} (0 = torch's default), got {cfg.threads}")
+    if cfg.steps >= 2**63:
+        raise ConfigError(f"steps must be < 2**63, got {cfg.steps}")
     for n in ("seed", "perm_seed"):
         if not 0 <= getattr(cfg, n) < 2**63:  # torch.manual_seed takes at most 64 bits
             raise ConfigError(f"{n} must be in [0, 2**63), got {getattr(cfg, n)}")
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda"
             or (cfg.device.startswith("cuda:") and cfg.device[5:].isascii() and cfg.device[5:].isdigit())):
         raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
-    for t in filter(None, (s.strip() for s in cfg.track.split(","))):
+    trackers = [t for t in (s.strip() for s in cfg.track.split(",")) if t]
+    for t in trackers:
         if t not in TRACKERS:
             raise ConfigError(f"unknown tracker {t!r}; choose from: {', '.join(TRACKERS)}")
+    if len(set(trackers)) < len(trackers):
+        raise ConfigError(f"track names a tracker twice: {cfg.track!r}; give each once")
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or "\\" in cfg.name or "\0" in cfg.name
                                  or cfg.name in (".", "..") or len(cfg.name.encode()) > 200):
         raise ConfigError(f"name must be a plain folder name (no '/', at most 200 bytes), got {cfg.name!r}")

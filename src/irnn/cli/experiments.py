@@ -133,10 +133,18 @@ def _int(text: str | None, what: str) -> int | None:
         raise ConfigError(f"{what} must be a whole number, got {text!r}") from None
 
 
+def _check_name(args: argparse.Namespace) -> None:
+    """A study's --name, before any data is read or anything printed (create() checks it again)."""
+    if args.name is not None:
+        from ..experiments.sweep import check_name
+        check_name(args.name)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..experiments.reproduce import reproduce
 
     _check_backend(args)
+    _check_name(args)
     workers = _workers(args)
 
     env = {k: v for k, v in config_values(args).items() if k in ENV_KEYS}
@@ -166,6 +174,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..experiments.sweep import open_sweep
 
     _check_backend(args)
+    _check_name(args)
     env = {k: v for k, v in config_values(args).items() if k in ENV_KEYS}
     t0 = time.perf_counter()
     report = benchmark(args.budget, out=args.out, name=args.name, models=_names(args.models, "--models"),

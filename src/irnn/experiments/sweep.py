@@ -387,6 +387,7 @@ def create(spec: SweepSpec, out: str | os.PathLike = "runs", *, overwrite: bool 
     A folder holding a different spec is an error unless ``overwrite``, which deletes it.
     ``env`` (``ENV_KEYS`` only) applies to members this process starts, not to the stored spec.
     """
+    check_name(spec.name)  # before anything is written: a name like '../x' would leave --out
     members = expand(spec)
     path = writable_dir(Path(out) / spec.name, "sweep folder")
     configs = {n: c.to_dict() for n, c in members.items()}
