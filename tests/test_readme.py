@@ -45,3 +45,17 @@ def test_every_readme_command_parses():
             build_parser().parse_args(shlex.split(command)[1:])
         except SystemExit as e:
             raise AssertionError(f"README command does not parse: {command}") from e
+
+
+def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
+    """The first Python block, imports included; only its step budget is cut (10,000 steps take minutes)."""
+    block = next(b for b in python_blocks() if "irnn.Config(" in b)
+    assert "steps=10_000" in block
+    monkeypatch.chdir(tmp_path)  # irnn.train stores its run under ./runs
+    ns: dict = {}
+    exec(compile(block.replace("steps=10_000", "steps=20, eval_every=10, train_size=256, test_size=64"),  # noqa: S102
+                 "README.md", "exec"), ns)
+    assert ns["run"].summary["steps"] == 20 and ns["run"].path.resolve().parent == tmp_path / "runs"
+    assert len(ns["steps"]) == len(ns["mse"]) == 2
+    assert ns["x"].shape == (1000, 150, 2) and ns["y"].shape[0] == 1000
+    assert ns["model"].rnn.weight_hh_l0.shape == (100, 100)
