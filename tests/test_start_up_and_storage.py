@@ -300,3 +300,32 @@ def test_read_only_and_permission_errors_in_a_sweep_are_one_line_and_the_same_co
     assert (out / "S" / "results.md").is_file()
     [got] = members(out / "S")
     assert_same_run(got, refs("sweep") / "members" / got.name)
+
+
+def test_a_run_being_trained_is_neither_replaced_nor_resumed_by_another_process(tmp_path):
+    """While one process trains a run, --overwrite and --resume of it from another are one line and exit 2
+    and change nothing (an --overwrite used to replace it, and the first process then reported a run that
+    was gone); once that process is killed, the run resumes."""
+    args = ["train", *TINY, "--steps", "200000", "--out", str(tmp_path), "--name", "busy"]
+    first = subprocess.Popen(irnn_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "busy"
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.2)
+        config = (run_dir / "config.json").read_bytes()
+        for argv in (["train", *TINY, "--out", str(tmp_path), "--name", "busy", "--overwrite"],
+                     ["train", "--resume", str(run_dir)]):
+            r = run(argv)
+            assert r.returncode == 2 and r.stdout == "", (argv, r.stderr)
+            assert len(r.stderr.splitlines()) == 1 and "being trained by another process" in r.stderr, r.stderr
+            assert (run_dir / "config.json").read_bytes() == config
+        assert first.poll() is None  # still training, in its own folder
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    r = run(["train", "--resume", str(run_dir), "--steps", "120"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

@@ -18,7 +18,6 @@ next process repairs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -36,7 +35,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from .. import registry
 from ..config import ENV_KEYS, Config, ConfigError, from_dict, load_file, setting_key
-from ..runs.store import RunDir, WriteError, atomic_write_json, model_label, read_json, writable_dir
+from ..runs.store import FileLock, RunDir, WriteError, atomic_write_json, model_label, read_json, writable_dir
 
 SPEC_FILE, INDEX_FILE, INDEX_LOCK, SPEC_LOCK = "sweep.json", "index.json", "index.lock", "sweep.lock"
 MEMBERS_DIR, LOCKS_DIR = "members", "locks"
@@ -240,43 +239,6 @@ def _identity(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- locks -----------------------------------------------------------------------------------------
-class FileLock:
-    """An exclusive ``fcntl.flock`` on a lock file. The kernel drops it when the process dies,
-    so a crashed worker never leaves a member claimed."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: Optional[int] = None
-
-    def acquire(self, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self.fd)
-                self.fd = None
-
-    def __enter__(self) -> "FileLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
 # -- the sweep folder ------------------------------------------------------------------------------
 @dataclass
 class Sweep:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
@@ -222,6 +223,66 @@ def _owner_gone(m: re.Match) -> bool:
         return False
 
 
+class FileLock:
+    """An exclusive ``fcntl.flock`` on a lock file. The kernel drops it when the process dies,
+    so a crashed worker never leaves a member claimed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+RUN_LOCK = ".train.lock"  # flock'ed by the process training the run, so that no other one trains or replaces it
+
+
+def run_busy(path: Path) -> bool:
+    """Whether a live process holds ``path``'s run lock (checked without creating a lock file)."""
+    try:
+        fd = os.open(path / RUN_LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock, if this took it
+    return False
+
+
+def _busy_error(path: Path) -> ConfigError:
+    return ConfigError(f"run folder {str(path)!r} is being trained by another process right now; "
+                       f"wait for it to end, or use another --name")
+
+
 def holds_no_run(path: Path) -> bool:
     """A folder with no files but temporary ones: what a start-up cut short by a kill leaves
     (an older irnn made the run folder and ``checkpoints/`` before ``config.json``)."""
@@ -230,7 +291,7 @@ def holds_no_run(path: Path) -> bool:
     for sub, dirs, files in os.walk(path):
         if any(Path(sub, d).is_symlink() for d in dirs):
             return False
-        if any(not (f.startswith(".") and f.endswith(".tmp")) for f in files):
+        if any(not (f.startswith(".") and f.endswith(".tmp")) and f != RUN_LOCK for f in files):
             return False
     return True
 
@@ -277,6 +338,7 @@ class RunDir:
     # create(): where commit_create() moves the folder, and whether it may replace a run there
     final: Path | None = None
     overwrite: bool = False
+    lock: FileLock | None = None  # held from claim() to release(), while this process trains the run
 
     @property
     def config_path(self) -> Path:
@@ -310,6 +372,8 @@ class RunDir:
             if holds_no_run(path):
                 _remove(path)
                 note(f"reusing {path}: it held no run (a start-up cut short)")
+            elif run_busy(path):
+                raise _busy_error(path)
             elif not overwrite:
                 if (path / CONFIG).is_file():
                     raise ConfigError(f"run folder {str(path)!r} already exists; use --resume {path} to continue it, "
@@ -337,6 +401,8 @@ class RunDir:
         if final.exists() or final.is_symlink():
             if holds_no_run(final):
                 _remove(final)
+            elif run_busy(final):
+                raise _busy_error(final)
             elif not self.overwrite:  # made meanwhile by another process
                 raise ConfigError(f"run folder {str(final)!r} already exists; use --resume {final} to continue it, "
                                   f"--overwrite to replace it, or another --name")
@@ -356,6 +422,27 @@ class RunDir:
         _fsync_dir(final.parent)
         if replaced is not None:
             _remove(replaced)
+
+    def claim(self) -> None:
+        """Take the run's lock for training; a one-line ConfigError when another process holds it."""
+        lock = FileLock(self.path / RUN_LOCK)
+        try:
+            taken = lock.acquire(blocking=False)
+        except OSError as e:
+            raise write_error(e, self.path / RUN_LOCK) from None
+        if not taken:
+            raise _busy_error(self.path)
+        self.lock = lock
+
+    def check_idle(self) -> None:
+        """A one-line ConfigError when another process is training this run now (see :meth:`claim`)."""
+        if run_busy(self.path):
+            raise _busy_error(self.path)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def undo_create(self) -> None:
         """Remove the folder that :meth:`create` built, when its run could not start."""

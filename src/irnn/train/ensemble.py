@@ -102,14 +102,19 @@ def fit_together(trainers: list[Trainer], progress: bool = False) -> list[Run]:
 
     runs: dict[int, Run] = {}
     active: list[Trainer] = []
-    for t in trainers:
-        done = t.begin()
-        if done is not None:
-            runs[id(t)] = done
-        else:
-            active.append(t)
-    if active and not stackable([t.model for t in active]):
-        raise ValueError("these members cannot be stacked into one ensemble")
+    try:
+        for t in trainers:
+            done = t.begin()
+            if done is not None:
+                runs[id(t)] = done
+            else:
+                active.append(t)
+        if active and not stackable([t.model for t in active]):
+            raise ValueError("these members cannot be stacked into one ensemble")
+    except BaseException:
+        for t in active:  # begun, so holding their runs' locks
+            t.run.release()
+        raise
     step = StackedStep(active[0].task.loss_fn) if active else None
     for t in active:  # recorded in each member's summary
         t.engine = f"ensemble-{'triton' if t.device.type == 'cuda' else 'fused'}"

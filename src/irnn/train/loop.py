@@ -295,6 +295,7 @@ class Trainer:
         prior = self.run.read_summary()
         if prior and prior.get("status") in ("completed", "diverged") and self.done:
             return Run(self.run.path, cfg, prior)
+        self.run.claim()  # before anything is written: no second process trains or replaces this run meanwhile
         self.log = MetricsLog(self.run.metrics_path)
         self.trackers = make_trackers(cfg, self.run.path, self.run.path.name, self.group)
         self.reason = None
@@ -390,6 +391,7 @@ class Trainer:
             summary = {"status": status, "reason": reason}
         finally:
             self.log.close()
+            self.run.release()
         return Run(self.run.path, self.cfg, summary)
 
     def fit(self) -> Run:
@@ -401,6 +403,10 @@ class Trainer:
                 self._write_summary("failed", f"{type(e).__name__}: {e}")
             except OSError:
                 pass
+            self.run.release()
+            raise
+        except BaseException:
+            self.run.release()
             raise
         if done is not None:
             return done
@@ -605,6 +611,7 @@ def open_trainer(cfg: Config | None = None, *, resume: str | Path | None = None,
     """A :class:`Trainer` for a new run folder, or for continuing ``resume``; see :func:`train`."""
     if resume is not None:
         run = RunDir.open(resume)
+        run.check_idle()  # begin() takes the lock; this only says so before the resume notes
         cfg = run.read_config()
         if overrides:
             cfg = cfg.replace(**overrides)
