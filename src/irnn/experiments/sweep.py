@@ -238,7 +238,6 @@ def _identity(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg_dict.items() if k not in ENV_KEYS}
 
 
-# -- locks -----------------------------------------------------------------------------------------
 # -- the sweep folder ------------------------------------------------------------------------------
 @dataclass
 class Sweep:

@@ -224,15 +224,17 @@ def _owner_gone(m: re.Match) -> bool:
 
 
 class FileLock:
-    """An exclusive ``fcntl.flock`` on a lock file. The kernel drops it when the process dies,
-    so a crashed worker never leaves a member claimed."""
+    """An exclusive ``fcntl.flock`` on a lock file. The kernel drops it when the process dies, so a
+    crashed process never leaves a run or a sweep member claimed."""
 
     def __init__(self, path: Path):
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def acquire(self, blocking: bool = True, create: bool = True) -> bool:
+        """Take the lock (False: another process holds it, and ``blocking`` is False). Without ``create``,
+        a missing lock file raises FileNotFoundError instead of being made."""
+        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -265,22 +267,24 @@ RUN_LOCK = ".train.lock"  # flock'ed by the process training the run, so that no
 
 def run_busy(path: Path) -> bool:
     """Whether a live process holds ``path``'s run lock (checked without creating a lock file)."""
+    lock = FileLock(path / RUN_LOCK)
     try:
-        fd = os.open(path / RUN_LOCK, os.O_RDWR)
-    except OSError:
+        taken = lock.acquire(blocking=False, create=False)
+    except OSError:  # no lock file (never trained, or by an older irnn), or not a folder
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # and with it the lock, if this took it
-    return False
+    lock.release()
+    return not taken
 
 
 def _busy_error(path: Path) -> ConfigError:
     return ConfigError(f"run folder {str(path)!r} is being trained by another process right now; "
                        f"wait for it to end, or use another --name")
+
+
+def check_idle(path: Path) -> None:
+    """A one-line ConfigError when another process is training the run at ``path`` now."""
+    if run_busy(path):
+        raise _busy_error(path)
 
 
 def holds_no_run(path: Path) -> bool:
@@ -372,14 +376,14 @@ class RunDir:
             if holds_no_run(path):
                 _remove(path)
                 note(f"reusing {path}: it held no run (a start-up cut short)")
-            elif run_busy(path):
-                raise _busy_error(path)
             elif not overwrite:
                 if (path / CONFIG).is_file():
                     raise ConfigError(f"run folder {str(path)!r} already exists; use --resume {path} to continue it, "
                                       f"--overwrite to replace it, or another --name")
                 raise ConfigError(f"{str(path)!r} already exists and is not an irnn run (no {CONFIG}); "
                                   f"use --overwrite to replace it, or another --name")
+            else:
+                check_idle(path)  # --overwrite must not pull a run from under the process training it
         tmp = root / _hidden_name(name, "new")
         try:
             tmp.mkdir()
@@ -401,12 +405,11 @@ class RunDir:
         if final.exists() or final.is_symlink():
             if holds_no_run(final):
                 _remove(final)
-            elif run_busy(final):
-                raise _busy_error(final)
             elif not self.overwrite:  # made meanwhile by another process
                 raise ConfigError(f"run folder {str(final)!r} already exists; use --resume {final} to continue it, "
                                   f"--overwrite to replace it, or another --name")
             else:
+                check_idle(final)  # started training since create() checked
                 replaced = final.with_name(_hidden_name(final.name, "old"))
                 try:
                     os.replace(final, replaced)
@@ -433,11 +436,6 @@ class RunDir:
         if not taken:
             raise _busy_error(self.path)
         self.lock = lock
-
-    def check_idle(self) -> None:
-        """A one-line ConfigError when another process is training this run now (see :meth:`claim`)."""
-        if run_busy(self.path):
-            raise _busy_error(self.path)
 
     def release(self) -> None:
         if self.lock is not None:

@@ -39,7 +39,7 @@ from ..engine import make_forward, make_train_step, numerics, resolve_engine
 from ..engine.build import set_isa
 from ..models import build_model
 from ..runs import checkpoint as ckpt
-from ..runs.store import MetricsLog, RunDir, WriteError, default_run_name, git_revision, model_label
+from ..runs.store import MetricsLog, RunDir, WriteError, check_idle, default_run_name, git_revision, model_label
 from ..tracking import Tracker, check_trackers, finish_trackers, make_trackers
 from ..tasks import Task, make_task
 from .guard import DivergenceGuard, Scan
@@ -397,16 +397,14 @@ class Trainer:
     def fit(self) -> Run:
         try:
             done = self.begin()
-        except WriteError as e:  # the first checkpoint or summary: say so where the disk still allows
-            e.run = e.run or self.run.path
-            try:
-                self._write_summary("failed", f"{type(e).__name__}: {e}")
-            except OSError:
-                pass
-            self.run.release()
-            raise
-        except BaseException:
-            self.run.release()
+        except BaseException as e:
+            if isinstance(e, WriteError):  # the first checkpoint or summary: say so where the disk still allows
+                e.run = e.run or self.run.path
+                try:
+                    self._write_summary("failed", f"{type(e).__name__}: {e}")
+                except OSError:
+                    pass
+            self.run.release()  # begin() may have taken it
             raise
         if done is not None:
             return done
@@ -611,7 +609,7 @@ def open_trainer(cfg: Config | None = None, *, resume: str | Path | None = None,
     """A :class:`Trainer` for a new run folder, or for continuing ``resume``; see :func:`train`."""
     if resume is not None:
         run = RunDir.open(resume)
-        run.check_idle()  # begin() takes the lock; this only says so before the resume notes
+        check_idle(run.path)  # begin() takes the lock; this only says so before the resume notes
         cfg = run.read_config()
         if overrides:
             cfg = cfg.replace(**overrides)
