@@ -283,7 +283,8 @@ def add_commands(sub: Any) -> None:
                     "Xeon; the budget is 20), mnist with "
                     "the LSTM to about 29 (measured; --models irnn,rnn-tanh,rnn-relu "
                     "takes about a third of that); adding --budget standard runs all four lengths with 5 seeds for "
-                    "the IRNN and the LSTM in under 2 hours on 2 CPU cores (111 minutes measured; see the README); "
+                    "the IRNN and the LSTM in under 2 hours on 2 AMD cores (111 minutes measured; more than 2 hours expected "
+                    "on a 2.0 GHz Xeon; see the README); "
                     "full is the real study, meant for a GPU. "
                     "Re-running resumes.")
     p.add_argument("task", choices=("adding", "mnist"), help="the study: adding or mnist")
